@@ -1,0 +1,45 @@
+"""The few array-backend-specific operations (NumPy on CPU, CuPy on GPU) in one place.
+
+Kernels call :func:`array_module` on their inputs and use the returned module for everything
+else, so the same code runs on both backends. CuPy is never imported at module level.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+
+def array_module(*arrays) -> ModuleType:
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(a) -> np.ndarray:
+    """Copy a NumPy or CuPy array to host memory as a NumPy array."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
+    return np.asarray(a)
+
+
+def scatter_add(target_flat, indices, values) -> None:
+    """``target_flat[indices] += values`` with repeated indices accumulated (unbuffered).
+
+    ``target_flat`` is a 1-D real array; ``indices`` integer, ``values`` real, same shape.
+    NumPy: ``bincount`` (much faster than ``np.add.at``); CuPy: ``cupyx.scatter_add``.
+    """
+    xp = array_module(target_flat)
+    if xp is np:
+        target_flat += np.bincount(
+            indices.ravel(), weights=values.ravel(), minlength=target_flat.size
+        ).astype(target_flat.dtype, copy=False)
+    else:  # pragma: no cover - exercised only on GPU machines
+        import cupyx
+
+        cupyx.scatter_add(target_flat, indices.ravel(), values.ravel().astype(target_flat.dtype))

@@ -1,0 +1,65 @@
+"""Reconstruction from backprojected sums: regularised Fourier division and gridding correction.
+
+Sums are padded centred rffts ``(P, P, P//2+1)`` as accumulated by
+:func:`.projection.insert_central_slices_rfft` (numerator Σ s·C·X̂, weights Σ s²·C²).
+``V̂ = num / (wgt + λ(shell))`` with ``λ = ⟨wgt⟩_shell / SSNR(shell)``: the Wiener/MAP estimate
+of RELION ``BackProjector::reconstruct`` with ``tau2 = SSNR / ⟨wgt⟩`` (``updateSSNRarrays``).
+Without an SSNR estimate a constant :data:`DEFAULT_SSNR` gives a small, scale-free regulariser.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module
+from .fourier import centred_irfftn, crop_centred, rfft_multiplicity, rfft_radius
+from .projection import gridding_correction, symmetrize_hermitian_planes
+
+#: SSNR assumed in every shell before an FSC exists (λ = ⟨wgt⟩/1000).
+DEFAULT_SSNR = 1000.0
+
+
+def padded_shell_index(padded_size: int, pad: int, xp=np):
+    """Original-box shell ``round(|k_padded| / pad)`` of each padded rfft voxel (int64)."""
+    return xp.rint(rfft_radius(padded_size, 3, xp) / pad).astype(xp.int64)
+
+
+def shell_mean_weight(weight_sum, box_size: int) -> np.ndarray:
+    """Mean of a (Hermitian-completed) padded weight sum over each original shell 0 … D/2."""
+    xp = array_module(weight_sum)
+    padded = weight_sum.shape[0]
+    shells = padded_shell_index(padded, padded // box_size, xp)
+    mult = xp.broadcast_to(rfft_multiplicity(padded, 3, xp), shells.shape)
+    n = box_size // 2 + 1
+    keep = shells < n
+    total = xp.bincount(shells[keep], weights=(weight_sum * mult)[keep], minlength=n)
+    count = xp.bincount(shells[keep], weights=mult[keep], minlength=n)
+    mean = total / xp.maximum(count, 1)
+    return np.asarray(mean.get() if hasattr(mean, "get") else mean, dtype=np.float64)
+
+
+def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes: bool = True):
+    """Real volume ``(D, D, D)`` float32 from padded half-space sums.
+
+    ``ssnr``: per-shell spectral SNR ``(D//2 + 1,)`` (e.g. :func:`.fsc.ssnr_from_fsc`), or ``None``
+    for :data:`DEFAULT_SSNR`. ``complete_planes``: apply
+    :func:`.projection.symmetrize_hermitian_planes` first (leave True for raw insertion sums).
+    Steps: complete Hermitian planes, divide by ``wgt + ⟨wgt⟩/SSNR`` (zero beyond shell D/2),
+    inverse rfft on the padded grid, crop to D, divide by the gridding correction.
+    """
+    xp = array_module(data_sum)
+    padded = data_sum.shape[0]
+    pad = padded // box_size
+    if complete_planes:
+        data_sum = symmetrize_hermitian_planes(data_sum)
+        weight_sum = symmetrize_hermitian_planes(weight_sum)
+    n_shells = box_size // 2 + 1
+    ssnr = np.full(n_shells, DEFAULT_SSNR) if ssnr is None else np.asarray(ssnr, np.float64)
+    mean_w = shell_mean_weight(weight_sum, box_size)
+    lam = np.append(mean_w / np.maximum(ssnr[:n_shells], 1e-12), np.inf)  # inf: beyond D/2 → 0
+    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells)
+    denom = weight_sum + xp.asarray(lam, dtype=weight_sum.dtype)[shells]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = xp.where(denom > 0, data_sum / xp.where(denom > 0, denom, 1), 0)
+    volume = crop_centred(centred_irfftn(ratio, 3, padded), box_size, 3)
+    return (volume / gridding_correction(box_size, pad, xp)).astype(xp.float32)

@@ -1,0 +1,324 @@
+"""RELION STAR files (3.0 and 3.1) ↔ particle stores, through the ``starfile`` package.
+
+Import reads the particle table (``data_particles`` of RELION 3.1 with its ``data_optics``, or the
+single table of RELION 3.0), the ``k@stack.mrcs`` image references (1-based k, paths relative to
+the RELION project, looked up from the STAR file's folder and its parents), CTF parameters, and
+poses when present (``rlnAngleRot/Tilt/Psi``; origins in Å ``rlnOriginX/YAngst`` or, before 3.1,
+in pixels ``rlnOriginX/Y``). Every original particle column is kept in the store's ``star/`` group
+and the optics table in its attributes, so that export gives back every field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from ..core.rotations import euler_to_matrix, matrix_to_euler
+from .errors import InputError
+from .mrc import StackReader, write_stack
+from .store import STAR_GROUP, ParticleStore, assign_half_sets
+
+OPTICS_FIELDS = {  # store column → (RELION label, default)
+    "voltage_kV": ("rlnVoltage", None),
+    "cs_mm": ("rlnSphericalAberration", None),
+    "amplitude_contrast": ("rlnAmplitudeContrast", None),
+}
+CTF_FIELDS = {
+    "defocus_u_A": ("rlnDefocusU", None),
+    "defocus_v_A": ("rlnDefocusV", "rlnDefocusU"),
+    "defocus_angle_deg": ("rlnDefocusAngle", 0.0),
+    "phase_shift_deg": ("rlnPhaseShift", 0.0),
+    "bfactor_A2": ("rlnCtfBfactor", 0.0),
+}
+ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+
+
+def read_star(path) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """Return ``(optics, particles)`` tables of a RELION STAR file (optics is None for 3.0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file (expected a RELION STAR file)")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"])
+    except Exception as exc:  # the parser raises many types on malformed text
+        raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    if "particles" in tables:
+        particles = tables["particles"]
+    else:
+        with_images = [t for t in tables.values() if "rlnImageName" in t.columns]
+        if not with_images:
+            raise InputError(path, "no particle table with an rlnImageName column")
+        particles = with_images[0]
+    if len(particles) == 0:
+        raise InputError(path, "the particle table is empty")
+    return tables.get("optics"), particles
+
+
+def _numeric(table: pd.DataFrame, label: str, where: str) -> np.ndarray:
+    values = pd.to_numeric(table[label], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise InputError(f"{where}: field {label}", f"row {int(bad[0]) + 1} has "
+                         f"{table[label].iloc[bad[0]]!r}; expected a number")
+    return values
+
+
+def _per_particle(particles, optics, label, default, where, optics_index):
+    """A value per particle from the particle table, else its optics group, else the default."""
+    if label in particles.columns:
+        return _numeric(particles, label, where)
+    if optics is not None and label in optics.columns:
+        return _numeric(optics, label, f"{where} (data_optics)")[optics_index]
+    if isinstance(default, str):
+        return _per_particle(particles, optics, default, None, where, optics_index)
+    if default is None:
+        raise InputError(f"{where}: field {label}", "required column is missing")
+    return np.full(len(particles), float(default))
+
+
+def _optics_index(particles, optics, where) -> np.ndarray:
+    if optics is None:
+        return np.zeros(len(particles), dtype=np.int64)
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError(f"{where} (data_optics)", "field rlnOpticsGroup is missing")
+    groups = _numeric(optics, "rlnOpticsGroup", f"{where} (data_optics)").astype(np.int64)
+    mine = (_numeric(particles, "rlnOpticsGroup", where).astype(np.int64)
+            if "rlnOpticsGroup" in particles.columns else np.full(len(particles), groups[0]))
+    lookup = {g: i for i, g in enumerate(groups)}
+    unknown = [g for g in np.unique(mine) if g not in lookup]
+    if unknown:
+        raise InputError(f"{where}: field rlnOpticsGroup", f"optics group {unknown[0]} is not "
+                         "in data_optics")
+    return np.array([lookup[g] for g in mine], dtype=np.int64)
+
+
+def _pixel_size_A(particles, optics, where, optics_index, override) -> float:
+    if override:
+        return float(override)
+    for table, name in ((particles, where), (optics, f"{where} (data_optics)")):
+        if table is None:
+            continue
+        for label in ("rlnImagePixelSize", "rlnPixelSize"):
+            if label in table.columns:
+                values = _numeric(table, label, name)
+                values = values[optics_index] if table is optics else values
+                if np.ptp(values) > 1e-4 * values.max():
+                    raise InputError(f"{name}: field {label}", "particles have different pixel "
+                                     f"sizes ({values.min():g}–{values.max():g} Å); expected one")
+                return float(values[0])
+    if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles.columns):  # RELION 3.0
+        d = _numeric(particles, "rlnDetectorPixelSize", where)
+        m = _numeric(particles, "rlnMagnification", where)
+        return float(1e4 * d[0] / m[0])
+    raise InputError(where, "no pixel size (rlnImagePixelSize in data_optics, or "
+                     "rlnDetectorPixelSize and rlnMagnification); give --pixel-size-A")
+
+
+def _parse_image_names(names, where) -> tuple[np.ndarray, list[str]]:
+    index = np.empty(len(names), dtype=np.int64)
+    files = []
+    for i, name in enumerate(names):
+        text = str(name)
+        number, sep, file = text.partition("@")
+        if not sep or not number.strip().isdigit() or int(number) < 1 or not file:
+            raise InputError(f"{where}: field rlnImageName", f"row {i + 1} is {text!r}; "
+                             "expected 'N@stack.mrcs' with N ≥ 1")
+        index[i] = int(number) - 1
+        files.append(file.strip())
+    return index, files
+
+
+def resolve_image_path(file: str, star_path: Path, images_root=None) -> Path:
+    """Find a stack named in a STAR file: absolute, under ``images_root``, next to the STAR file or
+    any of its parent folders (the RELION project folder), or relative to the working folder."""
+    p = Path(file)
+    candidates = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        if images_root:
+            candidates.append(Path(images_root) / p)
+        folder = star_path.resolve().parent
+        candidates += [parent / p for parent in [folder, *folder.parents][:6]]
+        candidates.append(Path.cwd() / p)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise InputError(f"{star_path}: field rlnImageName", f"image stack {file!r} not found "
+                     f"(looked in {', '.join(str(c.parent) for c in candidates[:4])}); "
+                     "give --images-root")
+
+
+def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: float | None = None,
+                images_root=None, seed: int = 0, progress=None) -> ParticleStore:
+    """Import a RELION STAR file and its image stacks into a new particle store."""
+    star_path = Path(star_path)
+    where = str(star_path)
+    optics, particles = read_star(star_path)
+    if "rlnImageName" not in particles.columns:
+        raise InputError(f"{where}: field rlnImageName", "required column is missing")
+    n = len(particles)
+    oidx = _optics_index(particles, optics, where)
+    meta = {}
+    for column, (label, default) in {**CTF_FIELDS, **OPTICS_FIELDS}.items():
+        meta[column] = _per_particle(particles, optics, label, default, where, oidx)
+    meta["optics_group"] = (oidx + 1).astype(np.int32)
+    if "rlnRandomSubset" in particles.columns:
+        subset = _numeric(particles, "rlnRandomSubset", where).astype(np.int64)
+        if not np.isin(subset, (1, 2)).all():
+            raise InputError(f"{where}: field rlnRandomSubset", "expected 1 or 2")
+        meta["half_set"] = (subset - 1).astype(np.int8)
+    else:
+        meta["half_set"] = assign_half_sets(n, seed)
+    angpix = _pixel_size_A(particles, optics, where, oidx, pixel_size_A)
+    if all(a in particles.columns for a in ANGLES):
+        angles = [_numeric(particles, a, where) for a in ANGLES]
+        meta["rotation"] = euler_to_matrix(*angles)
+        if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
+            shift = [_numeric(particles, f"rlnOrigin{c}Angst", where) for c in "XY"]
+        elif {"rlnOriginX", "rlnOriginY"} <= set(particles.columns):
+            shift = [_numeric(particles, f"rlnOrigin{c}", where) * angpix for c in "XY"]
+        else:
+            shift = [np.zeros(n), np.zeros(n)]
+        meta["shift_A"] = np.stack(shift, axis=1)
+    if "rlnCtfScalefactor" in particles.columns:  # multiplies the CTF: our per-particle scale
+        meta["scale"] = _numeric(particles, "rlnCtfScalefactor", where)
+    if "rlnClassNumber" in particles.columns:
+        meta["class_id"] = _numeric(particles, "rlnClassNumber", where).astype(np.int32) - 1
+
+    image_index, image_files = _parse_image_names(particles["rlnImageName"], where)
+    resolved: dict[str, Path] = {}
+    for f in dict.fromkeys(image_files):
+        resolved[f] = resolve_image_path(f, star_path, images_root)
+    with StackReader(resolved[image_files[0]]) as first:
+        box = first.box_size
+
+    optics_records = [] if optics is None else optics.to_dict(orient="records")
+    store = ParticleStore.create(
+        store_path, n, box, angpix, chunk_size,
+        optics=[{"optics_group": i + 1, "voltage_kV": float(meta["voltage_kV"][oidx == i][0]),
+                 "cs_mm": float(meta["cs_mm"][oidx == i][0]),
+                 "amplitude_contrast": float(meta["amplitude_contrast"][oidx == i][0])}
+                for i in np.unique(oidx)],
+        provenance={"created_by": "dask_refine.import_star", "star_file": str(star_path.resolve()),
+                    "star_version": "3.0" if optics is None else "3.1"},
+    )
+    try:
+        _copy_images(store, image_index, image_files, resolved, box, chunk_size, where, progress)
+    except Exception:
+        import shutil
+
+        shutil.rmtree(store_path, ignore_errors=True)  # our own half-made store, never the input
+        raise
+    for name, values in meta.items():
+        store.write_column(name, values)
+    for label in particles.columns:
+        values = particles[label].to_numpy()
+        if values.dtype.kind not in "iuf":
+            values = values.astype(str)
+        store.write_column(label, values, group=STAR_GROUP)
+    store.group.attrs.update({"star_columns": list(particles.columns),
+                              "star_optics": _jsonable(optics_records)})
+    return store
+
+
+def _jsonable(records):
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]
+
+
+def _copy_images(store, image_index, image_files, resolved, box, chunk_size, where, progress):
+    readers: dict[str, StackReader] = {}
+    try:
+        n = len(image_index)
+        files = np.array(image_files, dtype=object)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            chunk = np.empty((stop - start, box, box), dtype=np.float32)
+            for f in dict.fromkeys(files[start:stop]):
+                rows = np.flatnonzero(files[start:stop] == f)
+                if f not in readers:
+                    readers[f] = StackReader(resolved[f])
+                    if readers[f].box_size != box:
+                        raise InputError(resolved[f], f"images are {readers[f].box_size} px; "
+                                         f"expected {box} px like the first stack (mixed box "
+                                         "sizes)")
+                chunk[rows] = readers[f].read(image_index[start:stop][rows])
+            bad = np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))
+            if bad.size:
+                i = start + int(bad[0])
+                raise InputError(f"{resolved[files[i]]}", f"image {image_index[i] + 1} (STAR row "
+                                 f"{i + 1}) has NaN or Inf pixels; expected finite values")
+            store.write_images(start, chunk)
+            if progress is not None:
+                progress(stop, n)
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def export_star(store: ParticleStore, star_path, poses: dict | None = None,
+                write_images: bool | None = None) -> Path:
+    """Write the store's particles (with ``poses``, or the store's own pose columns) as a RELION
+    3.1 STAR file. Original columns of an imported STAR are kept; pose, class and CTF columns are
+    written from the store/poses; the per-particle scale goes to ``rlnCtfScalefactor`` (it
+    multiplies the CTF in RELION's image model, as our scale does). Stores without original image files (simulated) get their
+    images written to ``<star stem>.mrcs`` beside the STAR (``write_images``, default: when needed).
+    """
+    star_path = Path(star_path)
+    info = store.info
+    n = info.n_particles
+    attrs = store.attrs
+    poses = dict(poses or {})
+    for name in ("rotation", "shift_A", "scale", "class_id"):
+        if name not in poses and store.has_column(name):
+            poses[name] = store.read_column(name)
+
+    columns: dict[str, np.ndarray] = {}
+    for label in attrs.get("star_columns", []):
+        columns[label] = store.read_column(label, group=STAR_GROUP)
+    if write_images is None:
+        write_images = "rlnImageName" not in columns
+    if write_images:
+        stack = star_path.with_suffix(".mrcs")
+        write_stack(stack, store.images[:], info.pixel_size_A)
+        columns["rlnImageName"] = np.array([f"{i + 1:06d}@{stack.name}" for i in range(n)])
+    optics_group = store.read_column("optics_group")
+    columns["rlnOpticsGroup"] = optics_group.astype(np.int64)
+    for column, (label, _) in CTF_FIELDS.items():
+        columns[label] = store.read_column(column)
+    if "rotation" in poses:
+        rot, tilt, psi = matrix_to_euler(np.asarray(poses["rotation"], dtype=np.float64))
+        columns.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
+    if "shift_A" in poses:
+        shift = np.asarray(poses["shift_A"], dtype=np.float64)
+        columns.pop("rlnOriginX", None)
+        columns.pop("rlnOriginY", None)
+        columns.update(rlnOriginXAngst=shift[:, 0], rlnOriginYAngst=shift[:, 1])
+    if "class_id" in poses:
+        columns["rlnClassNumber"] = np.asarray(poses["class_id"], dtype=np.int64) + 1
+    if "scale" in poses:
+        columns["rlnCtfScalefactor"] = np.asarray(poses["scale"], dtype=np.float64)
+    columns["rlnRandomSubset"] = store.read_column("half_set").astype(np.int64) + 1
+    particles = pd.DataFrame(columns)
+
+    optics = pd.DataFrame(attrs.get("star_optics") or [])
+    if optics.empty or "rlnImagePixelSize" not in optics.columns:
+        groups = [o for o in attrs.get("optics", [])] or [{"optics_group": 1}]
+        optics = pd.DataFrame([{
+            "rlnOpticsGroupName": f"opticsGroup{g['optics_group']}",
+            "rlnOpticsGroup": int(g["optics_group"]),
+            "rlnVoltage": float(store.read_column("voltage_kV")[optics_group == g["optics_group"]][0]),
+            "rlnSphericalAberration": float(store.read_column("cs_mm")[optics_group == g["optics_group"]][0]),
+            "rlnAmplitudeContrast": float(store.read_column("amplitude_contrast")[optics_group == g["optics_group"]][0]),
+            "rlnImagePixelSize": info.pixel_size_A,
+            "rlnImageSize": info.box_size,
+            "rlnImageDimensionality": 2,
+        } for g in groups])
+    star_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")
+    starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
+    os.replace(tmp, star_path)
+    return star_path

@@ -1,0 +1,1 @@
+"""Jobs: the EM drivers a user runs (reconstruction, refinement, …)."""

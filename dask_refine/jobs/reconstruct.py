@@ -1,0 +1,154 @@
+"""Homogeneous Reconstruction Only: known poses → half maps, FSC, Wiener-filtered full map.
+
+Outputs in ``out_dir``: ``half_A.mrc``, ``half_B.mrc``, ``map.mrc`` (full map, regularised by the
+SSNR that the half-map FSC implies, RELION-style), ``fsc.csv``, ``fsc.png``, ``summary.json`` and
+the resolved ``config.json``. The particle store is opened read-only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.backprojection import CTF_PARAMETERS, FourierSums
+from ..core.fsc import fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc
+from ..core.masks import soft_sphere_mask
+from ..core.projection import DEFAULT_PAD
+from ..core.reconstruction import reconstruct
+from ..io.errors import InputError
+from ..io.figures import write_fsc_png
+from ..io.mrc import write_map
+from ..io.outputs import write_csv, write_json
+from ..io.store import ParticleStore
+from ..parallel.cluster import ClusterConfig, dask_client
+from ..parallel.mapreduce import backproject_graph
+
+HALF_NAMES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Reconstruction Only. ``mask_diameter_A``: soft spherical mask for the FSC (None: unmasked);
+    ``chunk_size``: particles per task (None: the store's chunks); ``n_chains``: parallel
+    accumulation chains (None: one per worker thread)."""
+
+    store: str
+    out_dir: str
+    pad: int = DEFAULT_PAD
+    use_ctf: bool = True
+    mask_diameter_A: float | None = None
+    chunk_size: int | None = None
+    n_chains: int | None = None
+    split_every: int = 4
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def load_pose_metadata(store: ParticleStore, use_ctf: bool) -> dict[str, np.ndarray]:
+    """The columns a backprojection needs, checked for presence and finiteness."""
+    missing = [c for c in ("rotation", "shift_A") if not store.has_column(c)]
+    if missing:
+        raise InputError(store.path, f"no {', '.join(missing)} column(s); Reconstruction Only "
+                         "needs poses (import a STAR file with angles and origins, or simulate "
+                         "with --write-poses)")
+    names = ["rotation", "shift_A", "scale", "half_set"] + (list(CTF_PARAMETERS) if use_ctf else [])
+    for name in names:
+        if name != "scale" and not store.has_column(name):
+            raise InputError(f"{store.path}/{name}", "required column is missing")
+    meta = store.metadata(names)
+    for name, values in meta.items():
+        bad = np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1))
+        if bad.size:
+            raise InputError(f"{store.path}/{name}", f"particle {int(bad[0])} has a non-finite "
+                             "value; expected finite numbers")
+    return meta
+
+
+def compute_sums(store: ParticleStore, meta: dict, groups: np.ndarray, n_groups: int,
+                 config: ReconstructConfig, client) -> FourierSums:
+    """Run the backprojection graph on ``client`` and return the reduced sums."""
+    images = store.images_dask(config.chunk_size)
+    n_threads = sum(client.nthreads().values()) if client is not None else 1
+    graph = backproject_graph(
+        images, {k: v for k, v in meta.items() if k != "half_set"}, groups, n_groups,
+        store.info.pixel_size_A, config.pad, config.use_ctf,
+        n_chains=config.n_chains or max(1, n_threads), split_every=config.split_every,
+        source=str(store.path))
+    if client is None:
+        return graph.compute(scheduler="sync")
+    return client.compute(graph).result()
+
+
+def reconstruct_halves_and_full(sums: FourierSums, box_size: int, pixel_size_A: float,
+                                mask=None):
+    """Half maps (lightly regularised), their FSC, and the FSC-Wiener-regularised full map."""
+    halves = [reconstruct(sums.data[h], sums.weight[h], box_size) for h in range(2)]
+    if mask is not None:
+        curve = fsc(halves[0] * mask, halves[1] * mask)
+    else:
+        curve = fsc(halves[0], halves[1])
+    full = reconstruct(sums.data[0] + sums.data[1], sums.weight[0] + sums.weight[1], box_size,
+                       ssnr=ssnr_from_fsc(curve, full_map=True))
+    return halves, curve, full
+
+
+def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
+    """Run the job; returns the summary written to ``summary.json``.
+
+    ``client``: an existing ``distributed.Client`` (else one is made from ``config.cluster``).
+    """
+    t0 = time.perf_counter()
+    store = ParticleStore.open(config.store)
+    info = store.info
+    meta = load_pose_metadata(store, config.use_ctf)
+    groups = meta["half_set"].astype(np.int64)
+    if not np.isin(groups, (0, 1)).all():
+        raise InputError(f"{store.path}/half_set", "expected values 0 (half A) or 1 (half B)")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(config))
+    log(f"reconstructing {info.n_particles} particles (box {info.box_size}, "
+        f"{info.pixel_size_A:.3f} Å/px)")
+    if client is None:
+        with dask_client(config.cluster) as own_client:
+            sums = compute_sums(store, meta, groups, 2, config, own_client)
+    else:
+        sums = compute_sums(store, meta, groups, 2, config, client)
+    t_backproject = time.perf_counter() - t0
+    mask = None
+    if config.mask_diameter_A:
+        mask = soft_sphere_mask(info.box_size, 0.5 * config.mask_diameter_A / info.pixel_size_A)
+    halves, curve, full = reconstruct_halves_and_full(sums, info.box_size, info.pixel_size_A, mask)
+    res_0143 = resolution_at_threshold(curve, info.box_size, info.pixel_size_A, 0.143)
+    res_05 = resolution_at_threshold(curve, info.box_size, info.pixel_size_A, 0.5)
+    for name, vol in zip(HALF_NAMES, halves):
+        write_map(out / f"half_{name}.mrc", vol, info.pixel_size_A)
+    write_map(out / "map.mrc", full, info.pixel_size_A)
+    shells = np.arange(curve.size)
+    write_csv(out / "fsc.csv", {
+        "shell": shells.tolist(),
+        "frequency_invA": (shells / (info.box_size * info.pixel_size_A)).tolist(),
+        "resolution_A": shell_resolution_A(info.box_size, info.pixel_size_A).tolist(),
+        "fsc": curve.tolist(),
+    })
+    write_fsc_png(out / "fsc.png", {"half A vs half B": curve}, info.box_size,
+                  info.pixel_size_A, res_0143)
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "job": "reconstruct",
+        "resolution_A": res_0143,
+        "resolution_fsc05_A": res_05,
+        "n_particles": int(sums.count.sum()),
+        "n_particles_per_half": sums.count.tolist(),
+        "box_size": info.box_size,
+        "pixel_size_A": info.pixel_size_A,
+        "time_s": elapsed,
+        "backprojection_time_s": t_backproject,
+        "outputs": {k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),
+                                                   ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
+                                                   ("fsc_plot", "fsc.png"))},
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Dask graphs: map over particle chunks, tree reductions, cluster creation."""

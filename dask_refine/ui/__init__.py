@@ -1,0 +1,1 @@
+"""User interfaces: the ``dask-refine`` command line, plots, dashboard."""
