@@ -199,7 +199,7 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
     optics_records = [] if optics is None else optics.to_dict(orient="records")
     store = ParticleStore.create(
         store_path, n, box, angpix, chunk_size,
-        optics=[{"optics_group": i + 1, "voltage_kV": float(meta["voltage_kV"][oidx == i][0]),
+        optics=[{"optics_group": int(i) + 1, "voltage_kV": float(meta["voltage_kV"][oidx == i][0]),
                  "cs_mm": float(meta["cs_mm"][oidx == i][0]),
                  "amplitude_contrast": float(meta["amplitude_contrast"][oidx == i][0])}
                 for i in np.unique(oidx)],
