@@ -21,6 +21,32 @@ def array_module(*arrays) -> ModuleType:
     return np
 
 
+def cpu_kernels(kernel: str = "auto"):
+    """The Numba CPU kernels module (:mod:`._numba_kernels`), or None for the NumPy reference.
+
+    ``kernel``: ``"auto"`` (Numba when installed), ``"numba"`` (required) or ``"numpy"``.
+    """
+    if kernel == "numpy":
+        return None
+    try:
+        from . import _numba_kernels
+    except ImportError:
+        if kernel == "numba":
+            raise
+        return None
+    return _numba_kernels
+
+
+def fft_module(xp):
+    """FFT functions for an array module: ``scipy.fft`` for NumPy (faster than ``numpy.fft``),
+    ``cupy.fft`` for CuPy."""
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft
+    return xp.fft
+
+
 def to_numpy(a) -> np.ndarray:
     """Copy a NumPy or CuPy array to host memory as a NumPy array."""
     if type(a).__module__.split(".")[0] == "cupy":

@@ -43,11 +43,24 @@ def ctf_2d(freq_x_invA, freq_y_invA, *, defocus_u_A, defocus_v_A, defocus_angle_
     k5 = xp.deg2rad(f64(phase_shift_deg))
     du, dv = f64(defocus_u_A), f64(defocus_v_A)
     ast = xp.deg2rad(f64(defocus_angle_deg))
-    u2 = freq_x_invA ** 2 + freq_y_invA ** 2
-    angle = xp.arctan2(freq_y_invA, freq_x_invA) - ast
-    deltaf = -(0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2.0 * angle))
-    gamma = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
-    return -f64(scale) * xp.sin(gamma) * xp.exp(k4 * u2)
+    # With cos 2(θ − θ_ast) = cos 2θ cos 2θ_ast + sin 2θ sin 2θ_ast, u² cos 2θ = x² − y² and
+    # u² sin 2θ = 2xy, γ is linear in four grid-only terms with per-particle coefficients:
+    # γ = a u² + b (x² − y²) + c (2xy) + K2 u⁴ − (K5 + K3)
+    x, y = freq_x_invA, freq_y_invA
+    u2 = x * x + y * y
+    mean_df = -0.5 * (du + dv)
+    dev_df = -0.5 * (du - dv)
+    gamma = xp.array(xp.broadcast_to((k1 * mean_df) * u2, xp.broadcast_shapes(
+        xp.shape(mean_df), xp.shape(u2), xp.shape(ast))), dtype=xp.float64)
+    gamma += (k1 * dev_df * xp.cos(2.0 * ast)) * (x * x - y * y)
+    gamma += (k1 * dev_df * xp.sin(2.0 * ast)) * (2.0 * x * y)
+    gamma += k2 * (u2 * u2)
+    gamma -= k5 + k3
+    ctf = xp.sin(gamma, out=gamma)
+    ctf *= -f64(scale)
+    if bool(xp.any(k4 != 0)):
+        ctf *= xp.exp(k4 * u2)
+    return ctf
 
 
 def ctf_rfft(box_size: int, pixel_size_A: float, *, defocus_u_A, defocus_v_A, defocus_angle_deg,

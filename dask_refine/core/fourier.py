@@ -13,7 +13,7 @@ Forward transforms are unnormalised, inverse transforms carry ``1 / D**ndim`` (N
 
 from __future__ import annotations
 
-from .backend import array_module
+from .backend import array_module, fft_module
 
 
 def _axes(ndim: int) -> tuple[int, ...]:
@@ -24,21 +24,21 @@ def centred_fftn(a, ndim: int):
     """Centred full FT of the last ``ndim`` axes (complex, same shape)."""
     xp = array_module(a)
     ax = _axes(ndim)
-    return xp.fft.fftshift(xp.fft.fftn(xp.fft.ifftshift(a, axes=ax), axes=ax), axes=ax)
+    return xp.fft.fftshift(fft_module(xp).fftn(xp.fft.ifftshift(a, axes=ax), axes=ax), axes=ax)
 
 
 def centred_ifftn(f, ndim: int):
     """Inverse of :func:`centred_fftn` (complex result)."""
     xp = array_module(f)
     ax = _axes(ndim)
-    return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(f, axes=ax), axes=ax), axes=ax)
+    return xp.fft.fftshift(fft_module(xp).ifftn(xp.fft.ifftshift(f, axes=ax), axes=ax), axes=ax)
 
 
 def centred_rfftn(a, ndim: int):
     """Centred rfft of the last ``ndim`` axes: ``(..., D, …, D)`` real → ``(..., D, …, D//2+1)`` complex."""
     xp = array_module(a)
     ax = _axes(ndim)
-    f = xp.fft.rfftn(xp.fft.ifftshift(a, axes=ax), axes=ax)
+    f = fft_module(xp).rfftn(xp.fft.ifftshift(a, axes=ax), axes=ax)
     return xp.fft.fftshift(f, axes=ax[:-1]) if ndim > 1 else f
 
 
@@ -48,7 +48,7 @@ def centred_irfftn(f, ndim: int, box_size: int):
     ax = _axes(ndim)
     if ndim > 1:
         f = xp.fft.ifftshift(f, axes=ax[:-1])
-    a = xp.fft.irfftn(f, s=(box_size,) * ndim, axes=ax)
+    a = fft_module(xp).irfftn(f, s=(box_size,) * ndim, axes=ax)
     return xp.fft.fftshift(a, axes=ax)
 
 
@@ -105,8 +105,10 @@ def translate_rfft(images_rfft, shifts_px):
     ky, kx = rfft_frequencies(box, 2, xp)
     sx = xp.asarray(shifts_px[:, 0], dtype=xp.float64)[:, None, None]
     sy = xp.asarray(shifts_px[:, 1], dtype=xp.float64)[:, None, None]
-    phase = (-2.0 * xp.pi / box) * (kx * sx + ky * sy)
-    return images_rfft * xp.exp(1j * phase).astype(images_rfft.dtype)
+    # the ramp is separable: exp(-2πi kx sx / D) · exp(-2πi ky sy / D)
+    ramp_x = xp.exp((-2j * xp.pi / box) * (kx * sx)).astype(images_rfft.dtype)
+    ramp_y = xp.exp((-2j * xp.pi / box) * (ky * sy)).astype(images_rfft.dtype)
+    return images_rfft * ramp_x * ramp_y
 
 
 def pad_centred(a, new_size: int, ndim: int):

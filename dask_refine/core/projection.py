@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module, scatter_add
+from .backend import array_module, cpu_kernels, scatter_add
 from .fourier import (centred_irfftn, centred_rfftn, crop_centred, pad_centred,
                       rfft_frequencies)
 
@@ -112,12 +112,15 @@ def _batches(n: int, batch: int):
 
 
 def extract_central_slices_rfft(volume_rfft, rotations, box_size: int,
-                                r_max: float | None = None, batch_size: int = 64):
+                                r_max: float | None = None, batch_size: int = 64,
+                                kernel: str = "auto"):
     """Central slices of a padded centred rfft volume: the projections' image rffts.
 
     ``volume_rfft``: ``(P, P, P//2+1)`` complex from :func:`prepare_reference_rfft`;
     ``rotations``: ``(N, 3, 3)``. Returns ``(N, D, D//2+1)`` complex of the volume's dtype, zero
     outside ``|k| < r_max``. Matches RELION ``Projector::project`` (TRILINEAR).
+    ``kernel``: ``"auto"`` uses the Numba kernel on CPU when installed, ``"numpy"`` the
+    array-module reference (also the CuPy path).
     """
     xp = array_module(volume_rfft)
     padded = volume_rfft.shape[0]
@@ -126,6 +129,12 @@ def extract_central_slices_rfft(volume_rfft, rotations, box_size: int,
     flat_pix, kx, ky = image_pixels(box_size, r_max, xp)
     n = rotations.shape[0]
     out = xp.zeros((n, box_size * (box_size // 2 + 1)), dtype=volume_rfft.dtype)
+    fast = cpu_kernels(kernel) if xp is np else None
+    if fast is not None:
+        fast.extract_slices(np.ascontiguousarray(volume_rfft),
+                            np.ascontiguousarray(rotations, dtype=np.float64),
+                            kx.astype(np.float64), ky.astype(np.float64), flat_pix, float(pad), out)
+        return out.reshape(n, box_size, box_size // 2 + 1)
     vol_flat = volume_rfft.ravel()
     for sl in _batches(n, batch_size):
         idx, w, mirrored = _corners(rotations[sl], kx, ky, pad, padded, real_dtype)
@@ -135,7 +144,8 @@ def extract_central_slices_rfft(volume_rfft, rotations, box_size: int,
 
 
 def insert_central_slices_rfft(data_rfft, weights_rfft, rotations, data_sum, weight_sum,
-                               r_max: float | None = None, batch_size: int = 64) -> None:
+                               r_max: float | None = None, batch_size: int = 64,
+                               kernel: str = "auto") -> None:
     """Backproject image rffts and their weights into padded half-space sums (in place).
 
     ``data_rfft``: ``(N, D, D//2+1)`` complex (e.g. ``s · CTF · X̂`` after un-shifting);
@@ -143,6 +153,7 @@ def insert_central_slices_rfft(data_rfft, weights_rfft, rotations, data_sum, wei
     ``data_sum`` ``(P, P, P//2+1)`` complex and ``weight_sum`` (same shape, real, or ``None``)
     are accumulated into. Call :func:`symmetrize_hermitian_planes` once on the final sums.
     Matches RELION ``BackProjector::set2DFourierTransform`` (TRILINEAR) up to that completion.
+    ``kernel`` as in :func:`extract_central_slices_rfft`.
     """
     xp = array_module(data_rfft)
     box = data_rfft.shape[-2]
@@ -150,6 +161,18 @@ def insert_central_slices_rfft(data_rfft, weights_rfft, rotations, data_sum, wei
     pad = padded // box
     real_dtype = xp.float32 if data_sum.dtype == xp.complex64 else xp.float64
     flat_pix, kx, ky = image_pixels(box, r_max, xp)
+    fast = cpu_kernels(kernel) if xp is np else None
+    if fast is not None and data_sum.flags.c_contiguous:
+        n = data_rfft.shape[0]
+        use_w = weights_rfft is not None and weight_sum is not None
+        fast.insert_slices(np.ascontiguousarray(data_rfft).reshape(n, -1),
+                           (np.ascontiguousarray(weights_rfft).reshape(n, -1) if use_w
+                            else np.zeros((1, 1), np.float32)),
+                           np.ascontiguousarray(rotations, dtype=np.float64),
+                           kx.astype(np.float64), ky.astype(np.float64), flat_pix, float(pad),
+                           data_sum, weight_sum if use_w else np.zeros((1, 1, 1), np.float32),
+                           use_w)
+        return
     half_column = xp.where(kx == 0, 0.5, 1.0).astype(real_dtype)
     n = data_rfft.shape[0]
     data_flat = data_rfft.reshape(n, -1)
