@@ -1,0 +1,389 @@
+"""Branch-and-bound pose search over SO(3) × shifts (Punjani et al. 2017), and exhaustive search.
+
+Error of a pose (DESIGN §3), summed over the centred-rfft pixels with ``|k| < r`` (each pixel
+counted with its Hermitian multiplicity ``m_k``) and noise weights ``w_k = 1/σ²(|k|)``:
+
+    E_r(R, o) = Σ_{|k|<r} m_k w_k |X̂_k e^{−2πi k·o/D} − s C_k Ŷ_k(R)|²
+
+where ``o`` is the particle's origin in pixels (RELION's convention: translating the image by +o
+centres it), ``Ŷ(R)`` the reference's central slice at rotation R (:mod:`.projection`), ``C`` the
+CTF and ``s`` the particle's scale. The *true* error is ``E_{r_align}``.
+
+**Lower bound.** Split at a band limit L < r_align: ``E = E_L + E_{[L, r_align)}``. E_L is exact;
+the high band is bounded below without touching any projection, using ``|Ŷ_k(R)| ≤ A(|k|)``, the
+largest reference amplitude that trilinear interpolation can reach at radius |k|
+(:func:`amplitude_envelope`). Two valid bounds, the larger is used (both rotation- and
+shift-independent): ``(‖X_hi‖_w − s‖C A‖_{w,hi})₊²`` (Cauchy–Schwarz) and
+``Σ_hi m w (|X_k| − s|C_k| A_k)₊²`` (per pixel).
+
+**Search.** Level ``first_level`` of the Hopf grid (:mod:`.so3_grid`) is evaluated in full with
+a coarse shift grid; at each level the candidate with the lowest bound gets its true error E*;
+every candidate whose bound exceeds ``E* + margin`` is dropped, where the grid margin is
+``margin_fraction`` × the signal energy ``s²‖C Ŷ‖²`` of that candidate's band (what a pose within
+the cell can still gain); at most ``max_candidates`` survive; survivors are split into their 8
+children, the shift grid is halved around the best shift, and the band limit grows with the level
+(``L ≈ D / (π · particle_radius · spacing)``). At the last level the survivors' true errors over the
+3×3 shift grid decide. :func:`exhaustive_search` evaluates the true error at every cell of the
+last level and every shift the search can reach: the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import so3_grid
+from .fourier import rfft_frequencies, rfft_multiplicity
+from .projection import extract_central_slices_rfft
+
+SQRT3 = float(np.sqrt(3.0))
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Pose-search settings. Units: pixels (box ``D``) and Fourier pixels (cycles per box)."""
+
+    r_align: float  # true-error band limit, Fourier pixels
+    particle_radius_px: float
+    first_level: int = 2
+    last_level: int = 4
+    max_shift_px: float = 4.0  # half-extent of the first shift grid around the prior origin
+    shift_step_px: float = 1.0  # shift spacing at the last level
+    margin_fraction: float = 1.0
+    max_candidates: int = 128
+    min_band: float = 3.0
+    local: bool = False  # search only around the prior rotation (and origin)
+    local_level: int | None = None  # level whose neighbourhood starts a local search
+    local_psi_radius: int = 1
+
+
+@dataclass
+class SearchResult:
+    """Best poses for a batch: ``rotation (B, 3, 3)``, ``origin_px (B, 2)``, ``error (B,)`` (the true
+    error), ``n_evaluations (B,)`` (pose × shift error evaluations, bounds and true errors alike),
+    and, when asked for, a per-particle ``trace`` of every level."""
+
+    rotation: np.ndarray
+    origin_px: np.ndarray
+    error: np.ndarray
+    n_evaluations: np.ndarray
+    trace: list | None = None
+
+
+@dataclass
+class ParticleData:
+    """One batch of particles prepared for the search (image-side quantities only)."""
+
+    images_rfft: np.ndarray  # (B, D, H) complex, raw (un-centred) images
+    ctf: np.ndarray  # (B, D, H) real
+    scale: np.ndarray  # (B,)
+    noise_weight: np.ndarray  # (D, H) real, 1/σ² per pixel
+    box_size: int = field(init=False)
+
+    def __post_init__(self):
+        self.box_size = self.images_rfft.shape[-2]
+
+
+def band_pixels(box_size: int, r_lo: float, r_hi: float):
+    """Flat indices, frequencies and multiplicities of rfft pixels with ``r_lo ≤ |k| < r_hi``."""
+    ky, kx = rfft_frequencies(box_size, 2)
+    ky, kx = np.broadcast_arrays(ky, kx)
+    r = np.sqrt(kx * kx + ky * ky)
+    sel = np.flatnonzero(((r >= r_lo) & (r < r_hi)).ravel())
+    mult = np.broadcast_to(rfft_multiplicity(box_size, 2), ky.shape).ravel()[sel]
+    return sel, kx.ravel()[sel].astype(np.float64), ky.ravel()[sel].astype(np.float64), mult
+
+
+def amplitude_envelope(reference_rfft, box_size: int) -> np.ndarray:
+    """``A(|k|)`` on the image rfft grid ``(D, H)``: an upper bound of ``|Ŷ_k(R)|`` for every R.
+
+    A trilinear sample at padded radius ``ρ = pad·|k|`` is a convex combination of voxels within
+    distance √3, so ``|Ŷ_k| ≤ max |V̂|`` over voxels with radius in ``[ρ − √3, ρ + √3]``.
+    """
+    padded = reference_rfft.shape[0]
+    pad = padded // box_size
+    kz, ky, kx = rfft_frequencies(padded, 3)
+    rad = np.sqrt(kz.astype(float) ** 2 + ky ** 2 + kx ** 2)
+    nbins = int(np.ceil(rad.max())) + 2
+    bins = np.floor(rad).astype(np.int64).ravel()
+    shell_max = np.zeros(nbins)
+    np.maximum.at(shell_max, bins, np.abs(reference_rfft).ravel())
+    # running max over the window of bins [floor(ρ − √3), floor(ρ + √3)]
+    iy, ix = rfft_frequencies(box_size, 2)
+    rho = pad * np.sqrt(iy.astype(float) ** 2 + ix ** 2)
+    lo = np.clip(np.floor(rho - SQRT3).astype(int), 0, nbins - 1)
+    hi = np.clip(np.floor(rho + SQRT3).astype(int), 0, nbins - 1)
+    out = np.zeros(rho.shape)
+    for a, b in set(zip(lo.ravel().tolist(), hi.ravel().tolist())):
+        out[(lo == a) & (hi == b)] = shell_max[a:b + 1].max()
+    return out
+
+
+class _Particle:
+    """Per-particle pixel data for a band: centred-rfft values at the band's pixels."""
+
+    def __init__(self, data: ParticleData, b: int, pixels):
+        sel, kx, ky, mult = pixels
+        d = data.box_size
+        self.kx, self.ky = kx, ky
+        self.x = data.images_rfft[b].ravel()[sel].astype(np.complex128)
+        self.c = data.ctf[b].ravel()[sel].astype(np.float64)
+        self.mw = (mult * data.noise_weight.ravel()[sel]).astype(np.float64)
+        self.s = float(data.scale[b])
+        self.d = d
+
+    def shifted(self, origins_px):
+        """``(T, M)`` centred images ``X e^{−2πi k·o/D}`` for origins ``(T, 2)`` (x, y)."""
+        ph = (-2j * np.pi / self.d) * (np.outer(origins_px[:, 0], self.kx)
+                                       + np.outer(origins_px[:, 1], self.ky))
+        return self.x[None, :] * np.exp(ph)
+
+    def errors(self, origins_px, slices):
+        """Errors ``(N, T)`` of slices ``(N, M)`` (the reference's, CTF not applied) at origins."""
+        xs = self.shifted(origins_px)  # (T, M)
+        cy = slices * (self.s * self.c)[None, :]  # (N, M)
+        cross = (xs * self.mw[None, :]) @ cy.conj().T  # (T, N)
+        norm_x = float(np.sum(self.mw * np.abs(self.x) ** 2))
+        norm_y = (np.abs(cy) ** 2) @ self.mw  # (N,)
+        return norm_x + norm_y[:, None] - 2.0 * cross.real.T, norm_y
+
+
+def high_band_bound(data: ParticleData, b: int, envelope, r_lo: float, r_hi: float) -> float:
+    """Lower bound of the error's band ``[r_lo, r_hi)`` for particle ``b``, over all poses."""
+    if r_lo >= r_hi:
+        return 0.0
+    sel, _, _, mult = band_pixels(data.box_size, r_lo, r_hi)
+    x = np.abs(data.images_rfft[b].ravel()[sel]).astype(np.float64)
+    ca = float(data.scale[b]) * np.abs(data.ctf[b].ravel()[sel]) * envelope.ravel()[sel]
+    mw = mult * data.noise_weight.ravel()[sel]
+    cauchy = max(0.0, np.sqrt(np.sum(mw * x * x)) - np.sqrt(np.sum(mw * ca * ca))) ** 2
+    per_pixel = float(np.sum(mw * np.clip(x - ca, 0.0, None) ** 2))
+    return max(cauchy, per_pixel)
+
+
+def level_band(params: SearchParams, box_size: int, level: int) -> float:
+    """Band limit (Fourier pixels) used for the exact part of the bound at ``level``."""
+    spacing = np.deg2rad(so3_grid.spacing_deg(level))
+    band = box_size / (np.pi * max(params.particle_radius_px, 1.0) * spacing)
+    return float(np.clip(band, params.min_band, params.r_align))
+
+
+def _slices(reference_rfft, box_size, rotations, kx, ky):
+    """Central slices at the band's pixels only: ``(N, M)`` complex128."""
+    from .backend import cpu_kernels
+
+    n = rotations.shape[0]
+    out = np.zeros((n, kx.size), dtype=reference_rfft.dtype)
+    kern = cpu_kernels("auto")
+    pad = reference_rfft.shape[0] // box_size
+    if kern is not None:
+        kern.extract_slices(np.ascontiguousarray(reference_rfft),
+                            np.ascontiguousarray(rotations, dtype=np.float64), kx, ky,
+                            np.arange(kx.size), float(pad), out)
+        return out.astype(np.complex128)
+    full = extract_central_slices_rfft(reference_rfft, rotations, box_size, kernel="numpy")
+    ky_i = (ky + box_size // 2).astype(int)
+    return full[:, ky_i, kx.astype(int)].astype(np.complex128)
+
+
+def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
+                     prior_rotation=None, prior_origin_px=None, envelope=None,
+                     trace: bool = False) -> SearchResult:
+    """Best pose of every particle in ``data`` against one reference (see the module docstring).
+
+    ``prior_origin_px`` ``(B, 2)`` centres the shift grids (default 0); with ``params.local``,
+    ``prior_rotation`` ``(B, 3, 3)`` restricts the search to the neighbourhood of each prior.
+    ``trace=True`` records, per particle and level: band, candidates, kept, bounds, the true
+    error of the best-bound candidate, and (at the last level) the final errors.
+    """
+    box = data.box_size
+    n = data.images_rfft.shape[0]
+    env = amplitude_envelope(reference_rfft, box) if envelope is None else envelope
+    first = params.first_level
+    last = max(params.last_level, first)
+    if params.local:
+        first = params.local_level if params.local_level is not None else max(0, last - 1)
+        if prior_rotation is None:
+            raise ValueError("local search needs prior rotations")
+    prior_origin_px = np.zeros((n, 2)) if prior_origin_px is None else np.asarray(prior_origin_px,
+                                                                                   float)
+    step0 = params.shift_step_px * 2 ** (last - first)
+    true_pixels = band_pixels(box, 0.0, params.r_align)
+    bands = {lvl: level_band(params, box, lvl) for lvl in range(first, last + 1)}
+    band_pix = {lvl: band_pixels(box, 0.0, bands[lvl]) for lvl in bands}
+    bounds_hi = {}
+
+    shared = None
+    if not params.local:
+        d0, p0 = so3_grid.all_cells(first)
+        r0 = so3_grid.cell_rotations(first, d0, p0)
+        _, kx, ky, _ = band_pix[first]
+        shared = (d0, p0, r0, _slices(reference_rfft, box, r0, kx, ky))
+
+    out_rot = np.zeros((n, 3, 3))
+    out_origin = np.zeros((n, 2))
+    out_err = np.zeros(n)
+    out_evals = np.zeros(n, dtype=np.int64)
+    traces = [] if trace else None
+    for b in range(n):
+        for lvl in bands:
+            bounds_hi[lvl] = high_band_bound(data, b, env, bands[lvl], params.r_align)
+        p_true = _Particle(data, b, true_pixels)
+        if params.local:
+            dirs, psis = so3_grid.neighbourhood(first, np.asarray(prior_rotation[b]),
+                                                params.local_psi_radius)
+            offsets = so3_grid.shift_grid(step0, step0)
+            slices = None
+        else:
+            dirs, psis, _, slices = shared
+            offsets = so3_grid.shift_grid(params.max_shift_px, step0)
+        # candidates are (rotation cell, origin) pairs; the first level takes all combinations
+        n_rot = dirs.size
+        pair_rot = np.repeat(np.arange(n_rot), offsets.shape[0])
+        pair_origin = np.tile(prior_origin_px[b] + offsets, (n_rot, 1))
+        evals = 0
+        levels = []
+        for lvl in range(first, last + 1):
+            part = _Particle(data, b, band_pix[lvl])
+            if slices is None:
+                slices = _slices(reference_rfft, box, so3_grid.cell_rotations(lvl, dirs, psis),
+                                 part.kx, part.ky)
+            err, energy = _pair_errors(part, slices, pair_rot, pair_origin)
+            evals += err.size
+            bound = err + bounds_hi[lvl]
+            star = int(np.argmin(bound))
+            star_rot = so3_grid.cell_rotations(lvl, dirs[pair_rot[star]:pair_rot[star] + 1],
+                                               psis[pair_rot[star]:pair_rot[star] + 1])
+            true_star, _ = p_true.errors(pair_origin[star][None, :],
+                                         _slices(reference_rfft, box, star_rot, p_true.kx,
+                                                 p_true.ky))
+            evals += 1
+            e_star = float(true_star[0, 0])
+            keep = _prune(bound, e_star, energy, params)
+            if trace:
+                levels.append(dict(level=lvl, band=bands[lvl], n_candidates=int(bound.size),
+                                   n_kept=int(keep.size), bounds=bound.copy(), best_true=e_star,
+                                   best_bound=float(bound[star])))
+            if lvl == last:
+                # final decision: the true error of every surviving pair
+                kr, inv = np.unique(pair_rot[keep], return_inverse=True)
+                fin = _slices(reference_rfft, box, so3_grid.cell_rotations(lvl, dirs[kr],
+                                                                          psis[kr]),
+                              p_true.kx, p_true.ky)
+                true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
+                evals += true_err.size
+                i = int(np.argmin(true_err))
+                out_rot[b] = so3_grid.cell_rotations(lvl, dirs[kr[inv.ravel()[i]]:][:1],
+                                                     psis[kr[inv.ravel()[i]]:][:1])[0]
+                out_origin[b] = pair_origin[keep][i]
+                out_err[b] = true_err[i]
+                if trace:
+                    levels[-1]["final_errors"] = true_err
+                break
+            # children: 8 sub-cells × the 3×3 half-spacing origins around each kept pair
+            step = step0 / 2 ** (lvl + 1 - first)
+            sub = so3_grid.shift_grid(step, step)
+            cd, cp = so3_grid.children(lvl, dirs[pair_rot[keep]], psis[pair_rot[keep]])
+            child_origin = pair_origin[keep][:, None, None, :] + sub[None, None, :, :]
+            cd = np.repeat(cd[:, :, None], sub.shape[0], axis=2).ravel()
+            cp = np.repeat(cp[:, :, None], sub.shape[0], axis=2).ravel()
+            child_origin = np.broadcast_to(child_origin, (keep.size, 8, sub.shape[0], 2))
+            cell = cd.astype(np.int64) * so3_grid.n_psi(lvl + 1) + cp
+            q = np.round(child_origin.reshape(-1, 2) * 64.0).astype(np.int64) + (1 << 20)
+            key = (cell << 42) + (q[:, 0] << 21) + q[:, 1]
+            _, first_of = np.unique(key, return_index=True)
+            first_of = np.sort(first_of)
+            uniq_cells, pair_rot = np.unique(cell[first_of], return_inverse=True)
+            pair_rot = pair_rot.ravel()
+            dirs = uniq_cells // so3_grid.n_psi(lvl + 1)
+            psis = uniq_cells % so3_grid.n_psi(lvl + 1)
+            pair_origin = child_origin.reshape(-1, 2)[first_of]
+            slices = None
+        out_evals[b] = evals
+        if trace:
+            traces.append(levels)
+    return SearchResult(out_rot, out_origin, out_err, out_evals, traces)
+
+
+def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
+    """Errors of (rotation, origin) pairs: ``slices[pair_rot[i]]`` at ``pair_origin[i]``.
+
+    Returns the errors and each pair's signal energy ``s²‖C Ŷ‖²_w`` in the band.
+    """
+    cy = slices * (part.s * part.c)[None, :]
+    energy_rot = (np.abs(cy) ** 2) @ part.mw
+    norm_x = float(np.sum(part.mw * np.abs(part.x) ** 2))
+    err = np.empty(pair_rot.size)
+    q = np.round(pair_origin * 64.0).astype(np.int64)  # origins lie on a lattice of ≥ 1/64 px
+    _, first_of, inverse = np.unique((q[:, 0] << 32) + q[:, 1], return_index=True,
+                                     return_inverse=True)
+    uniq = pair_origin[first_of]
+    inverse = inverse.ravel()
+    xs = part.shifted(uniq) * part.mw[None, :]  # (U, M)
+    for u in range(uniq.shape[0]):
+        sel = np.flatnonzero(inverse == u)
+        cross = cy[pair_rot[sel]].conj() @ xs[u]
+        err[sel] = norm_x + energy_rot[pair_rot[sel]] - 2.0 * cross.real
+    return err, energy_rot[pair_rot]
+
+
+def _prune(bound, e_star, energy, params: SearchParams) -> np.ndarray:
+    """Indices of candidates whose bound is within ``e_star`` + their grid margin (≤ cap)."""
+    margin = params.margin_fraction * energy
+    keep = np.flatnonzero(bound <= e_star + margin)
+    if keep.size == 0:
+        keep = np.array([int(np.argmin(bound))])
+    if keep.size > params.max_candidates:
+        keep = keep[np.argsort(bound[keep], kind="stable")[: params.max_candidates]]
+    return keep
+
+
+def reachable_origins(params: SearchParams) -> np.ndarray:
+    """Every origin offset (around the prior) that :func:`branch_and_bound` can return."""
+    first = params.first_level
+    last = max(params.last_level, first)
+    step0 = params.shift_step_px * 2 ** (last - first)
+    reach = so3_grid.shift_grid(params.max_shift_px, step0)[:, 0].max() + step0 - params.shift_step_px
+    return so3_grid.shift_grid(reach, params.shift_step_px)
+
+
+def exhaustive_search(reference_rfft, data: ParticleData, params: SearchParams,
+                      prior_origin_px=None, batch_rotations: int = 8192) -> SearchResult:
+    """True error at every cell of ``params.last_level`` × every reachable origin; the optimum."""
+    box = data.box_size
+    n = data.images_rfft.shape[0]
+    prior_origin_px = np.zeros((n, 2)) if prior_origin_px is None else np.asarray(prior_origin_px,
+                                                                                   float)
+    d, p = so3_grid.all_cells(params.last_level)
+    rots = so3_grid.cell_rotations(params.last_level, d, p)
+    pixels = band_pixels(box, 0.0, params.r_align)
+    offsets = reachable_origins(params)
+    best = np.full(n, np.inf)
+    best_rot = np.zeros((n, 3, 3))
+    best_origin = np.zeros((n, 2))
+    parts = [_Particle(data, b, pixels) for b in range(n)]
+    for start in range(0, rots.shape[0], batch_rotations):
+        r = rots[start:start + batch_rotations]
+        slices = _slices(reference_rfft, box, r, pixels[1], pixels[2])
+        for b, part in enumerate(parts):
+            origins = prior_origin_px[b][None, :] + offsets
+            err, _ = part.errors(origins, slices)
+            i, t = np.unravel_index(int(np.argmin(err)), err.shape)
+            if err[i, t] < best[b]:
+                best[b], best_rot[b], best_origin[b] = err[i, t], r[i], origins[t]
+    evals = np.full(n, rots.shape[0] * offsets.shape[0], dtype=np.int64)
+    return SearchResult(best_rot, best_origin, best, evals)
+
+
+def pose_error(reference_rfft, data: ParticleData, rotations, origins_px, r_align: float):
+    """True errors ``(B,)`` of given poses (same definition as the search)."""
+    pixels = band_pixels(data.box_size, 0.0, r_align)
+    out = np.zeros(data.images_rfft.shape[0])
+    for b in range(out.size):
+        part = _Particle(data, b, pixels)
+        err, _ = part.errors(np.asarray(origins_px[b], float)[None, :],
+                             _slices(reference_rfft, data.box_size, rotations[b:b + 1],
+                                     part.kx, part.ky))
+        out[b] = err[0, 0]
+    return out
