@@ -314,17 +314,12 @@ def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     cy = slices * (part.s * part.c)[None, :]
     energy_rot = (np.abs(cy) ** 2) @ part.mw
     norm_x = float(np.sum(part.mw * np.abs(part.x) ** 2))
-    err = np.empty(pair_rot.size)
     q = np.round(pair_origin * 64.0).astype(np.int64)  # origins lie on a lattice of ≥ 1/64 px
     _, first_of, inverse = np.unique((q[:, 0] << 32) + q[:, 1], return_index=True,
                                      return_inverse=True)
-    uniq = pair_origin[first_of]
-    inverse = inverse.ravel()
-    xs = part.shifted(uniq) * part.mw[None, :]  # (U, M)
-    for u in range(uniq.shape[0]):
-        sel = np.flatnonzero(inverse == u)
-        cross = cy[pair_rot[sel]].conj() @ xs[u]
-        err[sel] = norm_x + energy_rot[pair_rot[sel]] - 2.0 * cross.real
+    xs = part.shifted(pair_origin[first_of]) * part.mw[None, :]  # (U, M)
+    cross = (cy.conj() @ xs.T).real  # (rotations, U): one GEMM, then pick the pairs
+    err = norm_x + energy_rot[pair_rot] - 2.0 * cross[pair_rot, inverse.ravel()]
     return err, energy_rot[pair_rot]
 
 

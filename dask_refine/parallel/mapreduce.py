@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.backprojection import FourierSums, backproject_particles
+from ..core.refine_step import refine_particles
 from ..io.errors import InputError
 
 
 def _accumulate(sums, images, meta, groups, n_groups, box_size, pad, pixel_size_A, use_ctf,
-                r_max, first_index, source):
+                r_max, source, first_index):
     if sums is None:
         sums = FourierSums.zeros(n_groups, box_size, pad)
     else:  # never mutate a task's input: a retried task must see it unchanged
@@ -29,12 +30,37 @@ def _accumulate(sums, images, meta, groups, n_groups, box_size, pad, pixel_size_
         raise InputError(f"{source}/images", f"{exc}; expected finite pixel values") from None
 
 
+def _copy(sums: FourierSums) -> FourierSums:
+    return FourierSums(sums.data.copy(), sums.weight.copy(), sums.count.copy())
+
+
 def _sum(*parts):
-    total = parts[0]
-    total = FourierSums(total.data.copy(), total.weight.copy(), total.count.copy())
+    total = _copy(parts[0])
     for p in parts[1:]:
         total.add_(p)
     return total
+
+
+def _refine_accumulate(state, images, meta, groups, n_groups, box_size, pad, settings, source,
+                       first_index):
+    references, envelopes, noise_weight, params, pixel_size_A, scale_max_shell = settings
+    if state is None:
+        sums, results = FourierSums.zeros(n_groups, box_size, pad), []
+    else:  # never mutate a task's input: a retried task must see it unchanged
+        sums, results = _copy(state[0]), list(state[1])
+    try:
+        step = refine_particles(sums, np.asarray(images), meta, groups, references, envelopes,
+                                noise_weight, params, pixel_size_A, scale_max_shell,
+                                first_index)
+    except ValueError as exc:
+        raise InputError(f"{source}/images", f"{exc}; expected finite pixel values") from None
+    results.append((first_index, step))
+    return sums, results
+
+
+def _refine_combine(*states):
+    sums = _sum(*(s[0] for s in states))
+    return sums, [r for s in states for r in s[1]]
 
 
 def tree_reduce(items, combine, split_every: int):
@@ -48,28 +74,52 @@ def tree_reduce(items, combine, split_every: int):
     return level[0]
 
 
+def chained_map_reduce(images_dask, meta: dict, groups: np.ndarray, accumulate, extra_args: tuple,
+                       combine, n_chains: int = 4, split_every: int = 4):
+    """Deal image chunks to ``n_chains`` accumulation chains, then tree-reduce the chains.
+
+    Each chain task calls ``accumulate(state, block, meta_rows, group_rows, *extra_args,
+    first_index)`` with the previous task's state (None for the first) and returns the new state;
+    the chains' final states are combined with ``combine(*states)``.
+    """
+    from dask import delayed
+
+    blocks = images_dask.to_delayed().ravel()
+    bounds = np.cumsum((0,) + images_dask.chunks[0])
+    n_chains = max(1, min(n_chains, len(blocks)))
+    chains = [None] * n_chains
+    acc = delayed(accumulate)
+    for i, block in enumerate(blocks):
+        rows = slice(int(bounds[i]), int(bounds[i + 1]))
+        c = i % n_chains
+        chains[c] = acc(chains[c], block, {k: v[rows] for k, v in meta.items()}, groups[rows],
+                        *extra_args, rows.start)
+    return tree_reduce(chains, combine, split_every)
+
+
 def backproject_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int,
                       pixel_size_A: float, pad: int = 2, use_ctf: bool = True,
                       r_max: float | None = None, n_chains: int = 4, split_every: int = 4,
                       source: str = "store"):
-    """Build the delayed graph whose result is the :class:`FourierSums` of all particles.
+    """Delayed graph whose result is the :class:`FourierSums` of all particles.
 
     ``images_dask``: ``(N, D, D)`` Dask array chunked along particles; ``meta``: in-memory
     per-particle columns (``rotation``, ``shift_A``, optional ``scale``, CTF columns) sliced per
     chunk into the graph; ``groups``: ``(N,)`` group index per particle.
     """
-    from dask import delayed
+    extra = (n_groups, images_dask.shape[-1], pad, pixel_size_A, use_ctf, r_max, source)
+    return chained_map_reduce(images_dask, meta, groups, _accumulate, extra, _sum, n_chains,
+                              split_every)
 
-    box = images_dask.shape[-1]
-    blocks = images_dask.to_delayed().ravel()
-    bounds = np.cumsum((0,) + images_dask.chunks[0])
-    n_chains = max(1, min(n_chains, len(blocks)))
-    chains = [None] * n_chains
-    acc = delayed(_accumulate)
-    for i, block in enumerate(blocks):
-        rows = slice(int(bounds[i]), int(bounds[i + 1]))
-        meta_rows = {k: v[rows] for k, v in meta.items()}
-        c = i % n_chains
-        chains[c] = acc(chains[c], block, meta_rows, groups[rows], n_groups, box, pad,
-                        pixel_size_A, use_ctf, r_max, rows.start, source)
-    return tree_reduce(chains, _sum, split_every)
+
+def refine_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int, settings,
+                 pad: int = 2, n_chains: int = 4, split_every: int = 4, source: str = "store"):
+    """Delayed graph of one refinement E-step over all chunks.
+
+    ``settings`` = ``(references, envelopes, noise_weight, params, pixel_size_A,
+    scale_max_shell)``, ideally a Future scattered once to every worker (the references are large).
+    The result is ``(FourierSums, [(first_index, StepResult), …])``.
+    """
+    extra = (n_groups, images_dask.shape[-1], pad, settings, source)
+    return chained_map_reduce(images_dask, meta, groups, _refine_accumulate, extra,
+                              _refine_combine, n_chains, split_every)

@@ -124,6 +124,32 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _progress_bar(future) -> None:
+    """Dask's text progress bar for one iteration's tasks (on the console, when interactive)."""
+    if sys.stderr.isatty():
+        from distributed import progress
+
+        progress(future)
+
+
+def cmd_refine(args) -> int:
+    from ..jobs.refine import RefineConfig, run_refine
+
+    config = RefineConfig(
+        store=args.store, initial_map=args.initial, out_dir=args.out,
+        initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
+        mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
+        local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
+        chunk_size=args.chunk_size, resume=args.resume, cluster=_cluster(args))
+    summary = run_refine(config, log=lambda m: print(m, file=sys.stderr),
+                         progress=_progress_bar)
+    state = "converged" if summary["converged"] else "stopped at the iteration limit"
+    print(f"resolution {summary['resolution_A']:.2f} Å (gold-standard FSC 0.143) after "
+          f"{summary['iterations']} iterations ({state}) in {summary['time_s']:.0f} s; "
+          f"outputs in {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ..data import demo_map_path
     from ..io.mrc import read_map
@@ -184,6 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("star")
     p.set_defaults(func=cmd_export_star)
+
+    from ..jobs.refine import RefineConfig
+
+    d = RefineConfig(store="", initial_map="", out_dir="")
+    p = sub.add_parser("refine", help="Homogeneous Refinement (gold-standard, branch and bound)")
+    p.add_argument("store")
+    p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
+    p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
+    p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A,
+                   help="low-pass the initial map to this resolution (default: %(default)s Å)")
+    p.add_argument("--max-iterations", type=int, default=d.max_iterations,
+                   help="default: %(default)s")
+    p.add_argument("--mask-diameter-A", type=float,
+                   help="soft spherical mask diameter in Å (default: 80%% of the box)")
+    p.add_argument("--max-shift-A", type=float,
+                   help="half-extent of the shift search in Å (default: 10%% of the box)")
+    p.add_argument("--global-only", action="store_true",
+                   help="global pose search in every iteration (default: local searches after "
+                   f"{d.global_iterations} global iterations)")
+    p.add_argument("--symmetry", default=d.symmetry, help="point group (default: %(default)s)")
+    p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+    p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished iteration")
+    _cluster_args(p)
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("reconstruct", help="Reconstruction Only: half maps, FSC, full map")
     p.add_argument("store")

@@ -1,0 +1,109 @@
+"""Noise model σ²(|k|) per Fourier shell and the per-particle scale (DESIGN §3).
+
+Shells are ``round(|k|)`` on the image's centred rfft, 0 … D/2; sums count Hermitian pairs
+(:func:`.fourier.rfft_multiplicity`), so a shell's power is that of the full 2-D transform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .fourier import rfft_multiplicity, rfft_radius
+
+
+def image_shells(box_size: int) -> np.ndarray:
+    """Shell index of each pixel of a ``(D, D//2+1)`` centred rfft (int64)."""
+    return np.rint(rfft_radius(box_size, 2)).astype(np.int64)
+
+
+def shell_power_sums(residuals_rfft) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shell ``Σ |r_k|²`` over a batch ``(N, D, D//2+1)`` and the number of terms, both
+    ``(D//2 + 1,)`` float64, counting Hermitian pairs (sum these over batches, then divide)."""
+    box = residuals_rfft.shape[-2]
+    shells = image_shells(box)
+    mult = np.broadcast_to(rfft_multiplicity(box, 2), shells.shape)
+    n = box // 2 + 1
+    keep = shells < n
+    power = (np.abs(residuals_rfft) ** 2).sum(axis=0)
+    sums = np.bincount(shells[keep], weights=(power * mult)[keep], minlength=n)
+    counts = np.bincount(shells[keep], weights=mult[keep], minlength=n) * residuals_rfft.shape[0]
+    return sums, counts
+
+
+def sigma2_from_sums(sums, counts) -> np.ndarray:
+    """σ² per shell from :func:`shell_power_sums` totals; empty or zero shells take the
+    nearest valid value so that weights stay finite."""
+    sigma2 = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    valid = sigma2 > 0
+    if not valid.any():
+        return np.ones_like(sigma2)
+    idx = np.arange(sigma2.size)
+    return np.interp(idx, idx[valid], sigma2[valid])
+
+
+def noise_weights(sigma2_shells, box_size: int) -> np.ndarray:
+    """``1/σ²`` on the ``(D, D//2+1)`` grid from per-shell σ² (shells beyond D/2 get 0)."""
+    shells = image_shells(box_size)
+    w = np.append(1.0 / np.asarray(sigma2_shells, np.float64), 0.0)
+    return w[np.minimum(shells, len(w) - 1)]
+
+
+def estimate_scales(images_centred_rfft, model_rfft, weights, max_shell: float) -> np.ndarray:
+    """Per-particle scale at the best pose: ``s = Re⟨C Ŷ, X⟩_w / ‖C Ŷ‖²_w``.
+
+    ``images_centred_rfft`` ``(N, D, H)`` are centred images, ``model_rfft`` the matching CTF-ed
+    projections ``C Ŷ`` computed with scale 1, ``weights`` ``(D, H)`` noise weights; only shells
+    ``< max_shell`` enter (RELION uses those where the reference is reliable, SSNR > 3).
+    Particles whose model has no power there get scale 1.
+    """
+    box = images_centred_rfft.shape[-2]
+    sel = (rfft_radius(box, 2) < max_shell) & (rfft_radius(box, 2) >= 1)
+    mw = (np.broadcast_to(rfft_multiplicity(box, 2), sel.shape) * weights)[sel]
+    x = images_centred_rfft[:, sel]
+    y = model_rfft[:, sel]
+    num = np.sum(mw * (y.conj() * x).real, axis=1)
+    den = np.sum(mw * np.abs(y) ** 2, axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def renormalise_scales(scales) -> np.ndarray:
+    """Scales divided by their mean (mean 1), after clipping to a sane range [0.05, 20]·median."""
+    s = np.asarray(scales, np.float64)
+    med = np.median(s[s > 0]) if np.any(s > 0) else 1.0
+    s = np.clip(s, 0.05 * med, 20.0 * med)
+    return s / s.mean()
+
+
+def shell_mean(values_rfft, box_size: int, ndim: int) -> np.ndarray:
+    """Mean of a real quantity over each shell 0 … D/2 of a centred rfft (pairs counted)."""
+    r = np.rint(rfft_radius(box_size, ndim)).astype(np.int64)
+    mult = np.broadcast_to(rfft_multiplicity(box_size, ndim), r.shape)
+    n = box_size // 2 + 1
+    keep = r < n
+    total = np.bincount(r[keep], weights=(np.broadcast_to(values_rfft, r.shape) * mult)[keep],
+                        minlength=n)
+    count = np.bincount(r[keep], weights=mult[keep], minlength=n)
+    return total / np.maximum(count, 1)
+
+
+def initial_noise_and_scale(image_power, ctf2_mean, reference_power, max_shell: float):
+    """Greyscale of a reference relative to the images, and a first noise model.
+
+    ``image_power``, ``ctf2_mean``: mean ``|X̂|²`` and ``C²`` per image shell (over a sample of
+    particles); ``reference_power``: mean ``|V̂|²`` per 3-D shell of the reference (the expected
+    power of its projections). The noise level is taken from the outer shells (≥ 3/4 Nyquist),
+    the signal power ``P_X − σ²`` is matched to ``g² C² P_V`` over shells 2 … ``max_shell``.
+    Returns ``(g, sigma2 per shell)``.
+    """
+    p_x = np.asarray(image_power, np.float64)
+    n = p_x.size
+    outer = p_x[int(0.75 * (n - 1)):]
+    noise = float(np.median(outer)) if outer.size else float(p_x.mean())
+    shells = np.arange(n)
+    band = (shells >= 2) & (shells < max(max_shell, 3))
+    model = np.asarray(ctf2_mean) * np.asarray(reference_power)
+    signal = np.clip(p_x - noise, 0.0, None)
+    g2 = signal[band].sum() / model[band].sum() if model[band].sum() > 0 else 1.0
+    g = float(np.sqrt(g2)) if g2 > 0 else 1.0
+    sigma2 = np.maximum(p_x - g * g * model, 0.1 * p_x)
+    return g, np.where(sigma2 > 0, sigma2, noise)

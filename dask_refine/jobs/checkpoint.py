@@ -1,0 +1,126 @@
+"""The output folder is the checkpoint: atomic per-iteration folders, a run lock, and resume.
+
+Each finished iteration lives in ``iterations/iter_NNN/``; it is written under a temporary name
+and renamed into place only when complete, so a crash never leaves a half-written iteration that
+resume would trust. A lock file (``.lock``, holding the PID) refuses a second run on the same
+folder while the first is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..io.errors import InputError
+
+ITERATIONS = "iterations"
+
+
+class RunLock:
+    """Exclusive lock on an output folder (``O_EXCL`` lock file; stale locks of dead PIDs are
+    taken over)."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self._owner()
+                if pid and _alive(pid):
+                    raise InputError(self.path.parent, f"another run (PID {pid}) is using this "
+                                     "output folder; wait for it or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale lock of a dead run
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise InputError(self.path.parent, "could not take the output folder's lock")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def iteration_dir(out_dir, iteration: int) -> Path:
+    return Path(out_dir) / ITERATIONS / f"iter_{iteration:03d}"
+
+
+def completed_iterations(out_dir) -> list[int]:
+    """Numbers of the iterations whose folders are complete (renamed into place)."""
+    root = Path(out_dir) / ITERATIONS
+    if not root.is_dir():
+        return []
+    done = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("iter_") and p.name[5:].isdigit():
+            if (p / "state.json").is_file():
+                done.append(int(p.name[5:]))
+    return sorted(done)
+
+
+class IterationWriter:
+    """Context manager: files go to a temporary folder, renamed to ``iter_NNN`` on success."""
+
+    def __init__(self, out_dir, iteration: int):
+        self.final = iteration_dir(out_dir, iteration)
+        self.tmp = self.final.with_name(f".{self.final.name}.partial")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return False
+
+
+def read_state(out_dir, iteration: int) -> dict:
+    return json.loads((iteration_dir(out_dir, iteration) / "state.json").read_text())
+
+
+def check_resumable(out_dir, config: dict, resume: bool, keys) -> list[int]:
+    """Iterations to resume from; refuse a non-empty folder without ``resume`` or with a different
+    configuration (compared on ``keys``)."""
+    out = Path(out_dir)
+    done = completed_iterations(out)
+    saved = out / "config.json"
+    if not resume:
+        if done or saved.exists():
+            raise InputError(out, "already holds a run; pass --resume to continue it or choose "
+                             "a new --out")
+        return []
+    if not saved.exists():
+        return done
+    old = json.loads(saved.read_text())
+    changed = [k for k in keys if old.get(k) != config.get(k)]
+    if changed:
+        raise InputError(saved, f"the run there used different {', '.join(changed)}; resume "
+                         "needs the same settings")
+    return done

@@ -1,0 +1,134 @@
+"""Homogeneous Refinement end to end: pose recovery, resolution vs true poses, kill + resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from distributed import Client, LocalCluster
+
+from dask_refine.core.backprojection import FourierSums, backproject_particles
+from dask_refine.core.fourier import centred_fftn, centred_ifftn, crop_centred
+from dask_refine.core.fsc import fsc, resolution_at_threshold
+from dask_refine.core.rotations import angular_distance_deg
+from dask_refine.io.mrc import read_map, write_map
+from dask_refine.io.simulate import SimulationConfig, simulate_store
+from dask_refine.io.store import GROUND_TRUTH
+from dask_refine.jobs.reconstruct import reconstruct_halves_and_full
+from dask_refine.jobs.refine import RefineConfig, run_refine
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+def _true_pose_map(store, px):
+    meta = store.metadata(["half_set", "defocus_u_A", "defocus_v_A", "defocus_angle_deg",
+                           "phase_shift_deg", "bfactor_A2", "voltage_kV", "cs_mm",
+                           "amplitude_contrast"])
+    for k in ("rotation", "shift_A", "scale"):
+        meta[k] = store.read_column(k, group=GROUND_TRUTH)
+    box = store.info.box_size
+    sums = backproject_particles(FourierSums.zeros(2, box), store.images[:], meta,
+                                 meta["half_set"], px)
+    return reconstruct_halves_and_full(sums, box, px)[2]
+
+
+def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
+    volume, px = demo_map
+    store = simulate_store(volume, px, tmp_path / "p.zarr",
+                           SimulationConfig(n_particles=300, snr=0.5, chunk_size=100, seed=4))
+    write_map(tmp_path / "initial.mrc", volume, px)  # low-passed to 30 Å by the job
+    summary = run_refine(RefineConfig(store=str(store.path), initial_map=str(tmp_path / "initial.mrc"),
+                                      out_dir=str(tmp_path / "out"), max_iterations=8),
+                         client=client, log=lambda m: None)
+    for name in ("map.mrc", "half_A.mrc", "half_B.mrc", "fsc.csv", "fsc.png", "iterations.csv",
+                 "particles.star", "summary.json", "config.json"):
+        assert (tmp_path / "out" / name).exists(), name
+    poses = np.load(tmp_path / "out" / "iterations" / f"iter_{summary['iterations']:03d}"
+                    / "poses.npz")
+    err = angular_distance_deg(poses["rotation"], store.read_column("rotation", GROUND_TRUTH))
+    assert np.median(err) < 2 * 0.9375 + 0.5  # within about two finest (level-6) grid steps
+    refined, _ = read_map(tmp_path / "out" / "map.mrc")
+    res_refined = resolution_at_threshold(fsc(refined, volume), 64, px, 0.5)
+    res_true = resolution_at_threshold(fsc(_true_pose_map(store, px), volume), 64, px, 0.5)
+    assert res_refined < 1.2 * res_true, (res_refined, res_true)
+    assert summary["resolution_A"] < 6.0
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, demo_map):
+    volume, px = demo_map
+    root = tmp_path_factory.mktemp("resume")
+    f = crop_centred(centred_fftn(volume.astype(np.float64), 3), 32, 3)
+    small = (centred_ifftn(f, 3).real / 8).astype(np.float32)
+    write_map(root / "initial.mrc", small, 2 * px)
+    store = simulate_store(small, 2 * px, root / "p.zarr",
+                           SimulationConfig(n_particles=160, snr=1.0, chunk_size=40, seed=8))
+    return root, store
+
+
+def _refine_cmd(root, out, *extra):
+    return [sys.executable, "-m", "dask_refine.ui.cli", "refine", str(root / "p.zarr"),
+            "--initial", str(root / "initial.mrc"), "--out", str(out), "--max-iterations", "3",
+            "--n-workers", "2", *extra]
+
+
+def test_killed_run_resumes_to_the_same_result(small_dataset):
+    root, _ = small_dataset
+    full = subprocess.run(_refine_cmd(root, root / "full"), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr
+    # a second run is killed (whole process group) once iteration 1 is on disk
+    proc = subprocess.Popen(_refine_cmd(root, root / "killed"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (root / "killed" / "iterations" / "iter_001").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "killed" / "iterations" / "iter_003").exists()
+    again = subprocess.run(_refine_cmd(root, root / "killed"), capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart
+    resumed = subprocess.run(_refine_cmd(root, root / "killed", "--resume"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
+        a, _ = read_map(root / "full" / name)
+        b, _ = read_map(root / "killed" / name)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    pa = np.load(root / "full" / "iterations" / "iter_003" / "poses.npz")
+    pb = np.load(root / "killed" / "iterations" / "iter_003" / "poses.npz")
+    np.testing.assert_allclose(pb["rotation"], pa["rotation"], atol=1e-9)
+    np.testing.assert_allclose(pb["origin_px"], pa["origin_px"], atol=1e-9)
+    star_a = starfile.read(root / "full" / "particles.star")
+    star_b = starfile.read(root / "killed" / "particles.star")
+    for block in ("optics", "particles"):
+        pd.testing.assert_frame_equal(star_b[block], star_a[block])
+
+
+def test_second_run_on_same_folder_is_refused(small_dataset, tmp_path):
+    root, _ = small_dataset
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))  # this (live) process holds the folder
+    r = subprocess.run(_refine_cmd(root, out), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "another run" in r.stderr
+
+
+def test_bad_initial_map_is_refused(small_dataset, tmp_path, demo_map):
+    root, _ = small_dataset
+    write_map(tmp_path / "big.mrc", demo_map[0], demo_map[1] * 2)  # box 64 vs particles' 32
+    r = subprocess.run([sys.executable, "-m", "dask_refine.ui.cli", "refine",
+                        str(root / "p.zarr"), "--initial", str(tmp_path / "big.mrc"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "box 64" in r.stderr and "Traceback" not in r.stderr
