@@ -295,8 +295,8 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
                 with IterationWriter(out, new.iteration) as folder:
                     _save_state(folder, new, halves, curve, full, px, stats)
                 log(f"iteration {new.iteration}: {new.resolution_A:.2f} Å, level "
-                    f"{stats['level']}{' local' if stats['local'] else ''}, align to "
-                    f"{stats['r_align_used']:.1f} px⁻¹, median pose change "
+                    f"{stats['level']}{' local' if stats['local'] else ''}, aligned to shell "
+                    f"{stats['r_align_used']:.1f}, median pose change "
                     f"{stats['median_pose_change_deg']:.2f}°, "
                     f"{stats['particles_per_s']:.0f} particles/s")
                 state = new
