@@ -53,7 +53,8 @@ def run_ours(store_path, initial, out, n_workers, max_iterations):
 def run_relion(star, initial, out, px, box, mask_diameter_A, threads):
     """RELION 3.1 auto-refine (MPI with 3 ranks when available: 1 leader + 2 followers)."""
     out.mkdir(parents=True, exist_ok=True)
-    args = ["--i", str(star), "--o", str(out / "run"), "--ref", str(initial), "--ini_high", "30",
+    args = ["--i", Path(star).name, "--o", str(out.resolve() / "run"),
+            "--ref", str(Path(initial).resolve()), "--ini_high", "30",
             "--auto_refine", "--split_random_halves", "--ctf", "--particle_diameter",
             f"{mask_diameter_A:.1f}", "--flatten_solvent", "--zero_mask", "--oversampling", "1",
             "--healpix_order", "2", "--auto_local_healpix_order", "4", "--offset_range", "5",
@@ -64,7 +65,8 @@ def run_relion(star, initial, out, px, box, mask_diameter_A, threads):
     cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi"]
            if mpi else ["relion_refine"]) + args
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # RELION resolves rlnImageName relative to its working folder (the project folder)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(star).parent)
     wall = time.perf_counter() - t0
     (out / "stdout.txt").write_text(proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0:
@@ -185,8 +187,8 @@ def main():
         else:
             star = work / "relion_in" / "particles.star"
             export_star(store, star)  # no poses: the simulated store holds none at top level
-            rel = run_relion(star, initial, work / "relion", px, box, 0.8 * box * px,
-                             args.workers)
+            # 3 MPI ranks (1 leader + 2 followers) × 1 thread: 2 compute threads on 2 cores
+            rel = run_relion(star, initial, work / "relion", px, box, 0.8 * box * px, 1)
             if rel.get("map"):
                 from dask_refine.core.rotations import euler_to_matrix
                 import starfile

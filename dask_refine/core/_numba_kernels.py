@@ -14,11 +14,34 @@ import numpy as np
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _point(r, kx, ky, pad):
+def _corner(r, kx, ky, pad):
+    """Point pad·Aᵀ(kx, ky, 0), mirrored to x ≥ 0: (mirrored, x0, y0, z0, fx, fy, fz)."""
     px = (kx * r[0, 0] + ky * r[1, 0]) * pad
     py = (kx * r[0, 1] + ky * r[1, 1]) * pad
     pz = (kx * r[0, 2] + ky * r[1, 2]) * pad
-    return px, py, pz
+    mirrored = px < 0.0
+    if mirrored:
+        px, py, pz = -px, -py, -pz
+    x0 = int(math.floor(px))
+    y0 = int(math.floor(py))
+    z0 = int(math.floor(pz))
+    return mirrored, x0, y0, z0, px - x0, py - y0, pz - z0
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w):
+    """The 8 trilinear corners (indices wrapped on z/y) and weights, written into zi, yi, xi, w."""
+    c = 0
+    for dz in range(2):
+        wz = fz if dz else 1.0 - fz
+        for dy in range(2):
+            wy = fy if dy else 1.0 - fy
+            for dx in range(2):
+                zi[c] = (z0 + dz + half) % p
+                yi[c] = (y0 + dy + half) % p
+                xi[c] = x0 + dx
+                w[c] = wz * wy * (fx if dx else 1.0 - fx)
+                c += 1
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
@@ -32,39 +55,25 @@ def insert_slices(data, weights, rotations, kx, ky, pix, pad, data_sum, weight_s
     p = data_sum.shape[0]
     h = data_sum.shape[2]
     half = p // 2
+    zi, yi, xi = np.empty(8, np.int64), np.empty(8, np.int64), np.empty(8, np.int64)
+    w = np.empty(8)
     for i in range(n):
         r = rotations[i]
         for j in range(m):
-            k_x = kx[j]
-            k_y = ky[j]
-            px, py, pz = _point(r, k_x, k_y, pad)
+            mirrored, x0, y0, z0, fx, fy, fz = _corner(r, kx[j], ky[j], pad)
             val = data[i, pix[j]]
             w0 = weights[i, pix[j]] if use_weights else 0.0
-            if k_x == 0.0:
+            if kx[j] == 0.0:
                 val = val * 0.5
                 w0 = w0 * 0.5
-            if px < 0.0:
-                px, py, pz = -px, -py, -pz
+            if mirrored:
                 val = val.conjugate()
-            x0 = int(math.floor(px))
-            y0 = int(math.floor(py))
-            z0 = int(math.floor(pz))
-            fx = px - x0
-            fy = py - y0
-            fz = pz - z0
-            for dz in range(2):
-                wz = fz if dz else 1.0 - fz
-                zi = (z0 + dz + half) % p
-                for dy in range(2):
-                    wy = fy if dy else 1.0 - fy
-                    yi = (y0 + dy + half) % p
-                    for dx in range(2):
-                        w = wz * wy * (fx if dx else 1.0 - fx)
-                        xi = x0 + dx
-                        if xi < h:
-                            data_sum[zi, yi, xi] += w * val
-                            if use_weights:
-                                weight_sum[zi, yi, xi] += w * w0
+            _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w)
+            for c in range(8):
+                if xi[c] < h:
+                    data_sum[zi[c], yi[c], xi[c]] += w[c] * val
+                    if use_weights:
+                        weight_sum[zi[c], yi[c], xi[c]] += w[c] * w0
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
@@ -75,28 +84,15 @@ def extract_slices(volume, rotations, kx, ky, pix, pad, out):
     p = volume.shape[0]
     h = volume.shape[2]
     half = p // 2
+    zi, yi, xi = np.empty(8, np.int64), np.empty(8, np.int64), np.empty(8, np.int64)
+    w = np.empty(8)
     for i in range(n):
         r = rotations[i]
         for j in range(m):
-            px, py, pz = _point(r, kx[j], ky[j], pad)
-            conj = px < 0.0
-            if conj:
-                px, py, pz = -px, -py, -pz
-            x0 = int(math.floor(px))
-            y0 = int(math.floor(py))
-            z0 = int(math.floor(pz))
-            fx = px - x0
-            fy = py - y0
-            fz = pz - z0
+            conj, x0, y0, z0, fx, fy, fz = _corner(r, kx[j], ky[j], pad)
+            _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w)
             acc = 0j
-            for dz in range(2):
-                wz = fz if dz else 1.0 - fz
-                zi = (z0 + dz + half) % p
-                for dy in range(2):
-                    wy = fy if dy else 1.0 - fy
-                    yi = (y0 + dy + half) % p
-                    for dx in range(2):
-                        xi = x0 + dx
-                        if xi < h:
-                            acc += wz * wy * (fx if dx else 1.0 - fx) * volume[zi, yi, xi]
+            for c in range(8):
+                if xi[c] < h:
+                    acc += w[c] * volume[zi[c], yi[c], xi[c]]
             out[i, pix[j]] = acc.conjugate() if conj else acc
