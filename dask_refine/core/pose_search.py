@@ -51,7 +51,7 @@ class SearchParams:
     max_shift_px: float = 4.0  # half-extent of the first shift grid around the prior origin
     shift_step_px: float = 1.0  # shift spacing at the last level
     margin_fraction: float = 1.0
-    max_candidates: int = 128
+    max_candidates: int = 256
     min_band: float = 3.0
     local: bool = False  # search only around the prior rotation (and origin)
     local_level: int | None = None  # level whose neighbourhood starts a local search
