@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 
 from dask_refine.core.filters import apply_shell_filter, lowpass_filter
 from dask_refine.core.fourier import centred_irfftn, centred_rfftn, rfft_radius
-from dask_refine.core.fsc import fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc
-from dask_refine.core.masks import soft_sphere_mask
+from dask_refine.core.fsc import (fsc, mask_corrected_fsc, randomize_phases_beyond,
+                                  resolution_at_threshold, shell_resolution_A, ssnr_from_fsc)
+from dask_refine.core.masks import soft_mask_outside_map, soft_sphere_mask, solvent_mask
 
 
 def test_fsc_of_identical_maps_is_one(rng):
@@ -40,7 +42,8 @@ def test_resolution_interpolation():
 
 def test_ssnr_from_fsc():
     np.testing.assert_allclose(ssnr_from_fsc([0.5]), [1.0])
-    np.testing.assert_allclose(ssnr_from_fsc([0.5], full_map=True), [2.0])
+    c = np.sqrt(2 * 0.5 / 1.5)  # full map's FSC to the truth (RELION updateSSNRarrays)
+    np.testing.assert_allclose(ssnr_from_fsc([0.5], full_map=True), [c / (1 - c)])
 
 
 def test_lowpass_removes_high_frequencies(rng):
@@ -70,3 +73,63 @@ def test_soft_sphere_mask():
     assert m[16, 16, 16] == 1.0 and m[16, 16, 16 + 8] == 1.0
     assert m[16, 16, 16 + 12] == 0.0 and m[0, 0, 0] == 0.0
     assert np.isclose(m[16, 16, 16 + 10], 0.5)
+
+
+def test_soft_mask_outside_map_keeps_inside_and_flattens_corners(rng):
+    v = rng.standard_normal((32, 32, 32))
+    out = soft_mask_outside_map(v)  # radius D/2 = 16, 3-pixel edge, as RELION's default
+    inside = soft_sphere_mask(32, 16, 0.0) == 1.0
+    np.testing.assert_array_equal(out[inside], v[inside])
+    corners = soft_sphere_mask(32, 19, 0.0) == 0.0
+    assert np.ptp(out[corners]) < 1e-12  # one constant: the weighted background mean
+    blend = 1 - soft_sphere_mask(32, 16, 3.0)
+    expected = np.sum(blend * v) / np.sum(blend)
+    np.testing.assert_allclose(out[0, 0, 0], expected)
+    c = np.full((32, 32, 32), 2.5)
+    np.testing.assert_allclose(soft_mask_outside_map(c), c)  # a constant map is unchanged
+
+
+def test_mask_corrected_fsc_is_the_unmasked_fsc_for_a_mask_of_ones(demo_map, rng):
+    volume, _ = demo_map
+    a = volume + 2 * volume.std() * rng.standard_normal(volume.shape)
+    b = volume + 2 * volume.std() * rng.standard_normal(volume.shape)
+    curves = mask_corrected_fsc(a, b, np.ones_like(volume))
+    np.testing.assert_array_equal(curves["corrected"], curves["unmasked"])
+    np.testing.assert_array_equal(curves["masked"], curves["unmasked"])
+
+
+def test_mask_corrected_fsc_removes_the_correlation_a_sharp_mask_adds(demo_map, rng):
+    """Halves share only a low-resolution signal (true FSC 0 beyond shell 6): a tight mask
+    inflates the high-resolution FSC, the corrected curve brings it back near 0."""
+    volume, _ = demo_map
+    signal = lowpass_filter(volume.astype(np.float64), 64 / 6, 1.0) / volume.std()
+    a = signal + rng.standard_normal(volume.shape)
+    b = signal + rng.standard_normal(volume.shape)
+    tight = soft_sphere_mask(64, 12, 3.0)
+    curves = mask_corrected_fsc(a, b, tight, randomize_at_shell=7)
+    high = slice(10, 30)
+    assert curves["masked"][high].mean() > 0.15  # the mask's own correlation
+    assert curves["randomized_masked"][high].mean() > 0.15
+    assert abs(curves["corrected"][high].mean()) < 0.08
+
+
+def test_randomized_phases_keep_amplitudes(demo_map, rng):
+    volume, _ = demo_map
+    out = randomize_phases_beyond(volume, 10, rng)
+    fa, fb = centred_rfftn(volume.astype(np.float64), 3), centred_rfftn(out, 3)
+    np.testing.assert_allclose(np.abs(fa), np.abs(fb), atol=1e-6 * np.abs(fa).max())
+    inner = rfft_radius(64, 3) < 10
+    np.testing.assert_allclose(fa[inner], fb[inner], atol=1e-6 * np.abs(fa).max())
+    assert fsc(volume, out)[12:].max() < 0.2
+
+
+def test_solvent_mask_covers_the_density_with_a_soft_edge(demo_map):
+    volume, _ = demo_map
+    mask = solvent_mask(volume, 0.1 * volume.max(), extend_px=2, soft_edge_px=4)
+    assert mask.dtype == np.float32 and mask.min() == 0.0 and mask.max() == 1.0
+    assert (mask[volume > 0.1 * volume.max()] == 1.0).all()
+    assert 0.02 < mask.mean() < 0.6
+    soft = (mask > 0) & (mask < 1)
+    assert soft.sum() > 0.2 * (mask == 1).sum()  # a real fall-off, not a binary mask
+    with pytest.raises(ValueError, match="threshold"):
+        solvent_mask(volume, 10 * volume.max())

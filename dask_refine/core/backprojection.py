@@ -16,7 +16,8 @@ import numpy as np
 from .backend import array_module
 from .ctf import ctf_rfft
 from .fourier import centred_rfftn, translate_rfft
-from .projection import DEFAULT_PAD, insert_central_slices_rfft
+from .projection import DEFAULT_PAD, insert_central_slices_rfft, symmetrize_hermitian_planes
+from .symmetry import symmetrize_sums, symmetry_operators
 
 CTF_PARAMETERS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                   "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
@@ -52,6 +53,20 @@ class FourierSums:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes + self.weight.nbytes)
+
+    def completed(self, box_size: int, symmetry: str = "C1") -> "FourierSums":
+        """A copy with the Hermitian planes completed and, unless ``symmetry`` is C1, the point
+        group applied (:func:`.symmetry.symmetrize_sums`). Reconstruct it with
+        ``complete_planes=False``."""
+        data, weight = [], []
+        ops = symmetry_operators(symmetry)
+        for g in range(self.data.shape[0]):
+            d, w = symmetrize_sums(symmetrize_hermitian_planes(self.data[g]),
+                                   symmetrize_hermitian_planes(self.weight[g]), ops, box_size)
+            data.append(d)
+            weight.append(w)
+        xp = array_module(self.data)
+        return FourierSums(xp.stack(data), xp.stack(weight), self.count.copy())
 
 
 def particle_ctfs(meta: dict, box_size: int, pixel_size_A: float, xp=np):

@@ -82,6 +82,15 @@ def _corners(rotations, kx, ky, pad: int, padded_size: int, real_dtype):
     px = kx[None, :] * R[:, 0, 0, None] + ky[None, :] * R[:, 1, 0, None]
     py = kx[None, :] * R[:, 0, 1, None] + ky[None, :] * R[:, 1, 1, None]
     pz = kx[None, :] * R[:, 0, 2, None] + ky[None, :] * R[:, 1, 2, None]
+    return _half_space_corners(px, py, pz, padded_size)
+
+
+def _half_space_corners(px, py, pz, padded_size: int):
+    """Trilinear corners of points ``(px, py, pz)`` (padded index units, origin at 0) in a
+    ``(P, P, P//2+1)`` half-space array: flat indices ``(..., 8)``, weights ``(..., 8)`` and where
+    the point was mirrored to ``-p`` (its value is then the conjugate)."""
+    xp = array_module(px)
+    real_dtype = px.dtype
     mirrored = px < 0
     sign = xp.where(mirrored, -1.0, 1.0).astype(real_dtype)
     px, py, pz = px * sign, py * sign, pz * sign
@@ -104,6 +113,19 @@ def _corners(rotations, kx, ky, pad: int, padded_size: int, real_dtype):
                 idx.append((zi * padded_size + yi) * h + (x0 + dx))
                 wts.append(wz * wy * (fx if dx else 1 - fx))
     return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1), mirrored
+
+
+def sample_half_space(volume_rfft, points):
+    """Trilinear samples of a padded half-space array at 3D points ``(M, 3)`` ordered (x, y, z)
+    in padded index units, conjugated where the point lies in the other half (RELION's
+    ``LIN_INTERP`` with ``is_neg_x``). Points must lie within the padded box."""
+    xp = array_module(volume_rfft)
+    pts = xp.asarray(points, dtype=xp.float64)
+    idx, w, mirrored = _half_space_corners(pts[:, 0], pts[:, 1], pts[:, 2], volume_rfft.shape[0])
+    vals = (volume_rfft.ravel()[idx] * w).sum(axis=-1)
+    if xp.iscomplexobj(vals):
+        vals = xp.where(mirrored, vals.conj(), vals)
+    return vals.astype(volume_rfft.dtype)
 
 
 def _batches(n: int, batch: int):

@@ -13,6 +13,7 @@ import numpy as np
 
 from .backend import array_module
 from .fourier import centred_irfftn, crop_centred, rfft_multiplicity, rfft_radius
+from .masks import soft_mask_outside_map
 from .projection import gridding_correction, symmetrize_hermitian_planes
 
 #: SSNR assumed in every shell before an FSC exists (λ = ⟨wgt⟩/1000).
@@ -38,14 +39,18 @@ def shell_mean_weight(weight_sum, box_size: int) -> np.ndarray:
     return np.asarray(mean.get() if hasattr(mean, "get") else mean, dtype=np.float64)
 
 
-def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes: bool = True):
+def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes: bool = True,
+                mask_outside: bool = True):
     """Real volume ``(D, D, D)`` float32 from padded half-space sums.
 
     ``ssnr``: per-shell spectral SNR ``(D//2 + 1,)`` (e.g. :func:`.fsc.ssnr_from_fsc`), or ``None``
     for :data:`DEFAULT_SSNR`. ``complete_planes``: apply
     :func:`.projection.symmetrize_hermitian_planes` first (leave True for raw insertion sums).
-    Steps: complete Hermitian planes, divide by ``wgt + ⟨wgt⟩/SSNR`` (zero beyond shell D/2),
-    inverse rfft on the padded grid, crop to D, divide by the gridding correction.
+    Steps (RELION ``BackProjector::reconstruct``): complete Hermitian planes, divide by
+    ``wgt + ⟨wgt⟩/SSNR`` and keep ``|k| ≤ D/2`` (RELION's ``decenter`` radius), inverse rfft on the
+    padded grid, crop to D, replace the corners beyond radius D/2 by the background mean with a
+    3-pixel cosine edge (``softMaskOutsideMap``; ``mask_outside=False`` skips it), divide by the
+    gridding correction.
     """
     xp = array_module(data_sum)
     padded = data_sum.shape[0]
@@ -57,9 +62,12 @@ def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes:
     ssnr = np.full(n_shells, DEFAULT_SSNR) if ssnr is None else np.asarray(ssnr, np.float64)
     mean_w = shell_mean_weight(weight_sum, box_size)
     lam = np.append(mean_w / np.maximum(ssnr[:n_shells], 1e-12), np.inf)  # inf: beyond D/2 → 0
-    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells)
+    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells - 1)
+    shells = xp.where(rfft_radius(padded, 3, xp) <= (box_size // 2) * pad, shells, n_shells)
     denom = weight_sum + xp.asarray(lam, dtype=weight_sum.dtype)[shells]
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = xp.where(denom > 0, data_sum / xp.where(denom > 0, denom, 1), 0)
     volume = crop_centred(centred_irfftn(ratio, 3, padded), box_size, 3)
+    if mask_outside:
+        volume = soft_mask_outside_map(volume)
     return (volume / gridding_correction(box_size, pad, xp)).astype(xp.float32)

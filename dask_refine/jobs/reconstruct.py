@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backprojection import CTF_PARAMETERS, FourierSums
-from ..core.fsc import fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc
+from ..core.fsc import fsc, ssnr_from_fsc
 from ..core.masks import soft_sphere_mask
 from ..core.projection import DEFAULT_PAD
 from ..core.reconstruction import reconstruct
+from ..core.symmetry import symmetry_operators
 from ..io.errors import InputError
-from ..io.figures import write_fsc_png
 from ..io.mrc import write_map
-from ..io.outputs import write_csv, write_json
+from ..io.outputs import write_json
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.mapreduce import backproject_graph
+from .masking import MaskOptions, job_mask, read_user_mask, write_fsc_report
 
 HALF_NAMES = ("A", "B")
 
@@ -33,7 +34,9 @@ HALF_NAMES = ("A", "B")
 class ReconstructConfig:
     """Reconstruction Only. ``mask_diameter_A``: soft spherical mask for the FSC (None: unmasked);
     ``chunk_size``: particles per task (None: the store's chunks); ``n_chains``: parallel
-    accumulation chains (None: one per worker thread)."""
+    accumulation chains (None: one per worker thread); ``symmetry``: point group applied to
+    the sums before reconstruction (RELION's ``--sym``); ``masks``: a user or automatic solvent
+    mask for the final, mask-corrected FSC (:mod:`.masking`)."""
 
     store: str
     out_dir: str
@@ -43,7 +46,17 @@ class ReconstructConfig:
     chunk_size: int | None = None
     n_chains: int | None = None
     split_every: int = 4
+    symmetry: str = "C1"
+    masks: MaskOptions = field(default_factory=MaskOptions)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def check_symmetry(name: str) -> None:
+    """Refuse an unknown point group before any work starts."""
+    try:
+        symmetry_operators(name)
+    except ValueError as exc:
+        raise InputError("--symmetry", str(exc)) from None
 
 
 def load_pose_metadata(store: ParticleStore, use_ctf: bool) -> dict[str, np.ndarray]:
@@ -82,15 +95,17 @@ def compute_sums(store: ParticleStore, meta: dict, groups: np.ndarray, n_groups:
 
 
 def reconstruct_halves_and_full(sums: FourierSums, box_size: int, pixel_size_A: float,
-                                mask=None):
+                                mask=None, symmetry: str = "C1"):
     """Half maps (lightly regularised), their FSC, and the FSC-Wiener-regularised full map."""
-    halves = [reconstruct(sums.data[h], sums.weight[h], box_size) for h in range(2)]
+    sums = sums.completed(box_size, symmetry)
+    halves = [reconstruct(sums.data[h], sums.weight[h], box_size, complete_planes=False)
+              for h in range(2)]
     if mask is not None:
         curve = fsc(halves[0] * mask, halves[1] * mask)
     else:
         curve = fsc(halves[0], halves[1])
     full = reconstruct(sums.data[0] + sums.data[1], sums.weight[0] + sums.weight[1], box_size,
-                       ssnr=ssnr_from_fsc(curve, full_map=True))
+                       ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
     return halves, curve, full
 
 
@@ -100,9 +115,12 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     ``client``: an existing ``distributed.Client`` (else one is made from ``config.cluster``).
     """
     t0 = time.perf_counter()
+    check_symmetry(config.symmetry)
     store = ParticleStore.open(config.store)
     info = store.info
     meta = load_pose_metadata(store, config.use_ctf)
+    if config.masks.mask_path:  # refuse a bad mask before any work
+        read_user_mask(config.masks.mask_path, info.box_size, info.pixel_size_A)
     groups = meta["half_set"].astype(np.int64)
     if not np.isin(groups, (0, 1)).all():
         raise InputError(f"{store.path}/half_set", "expected values 0 (half A) or 1 (half B)")
@@ -120,30 +138,31 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     mask = None
     if config.mask_diameter_A:
         mask = soft_sphere_mask(info.box_size, 0.5 * config.mask_diameter_A / info.pixel_size_A)
-    halves, curve, full = reconstruct_halves_and_full(sums, info.box_size, info.pixel_size_A, mask)
-    res_0143 = resolution_at_threshold(curve, info.box_size, info.pixel_size_A, 0.143)
-    res_05 = resolution_at_threshold(curve, info.box_size, info.pixel_size_A, 0.5)
+    halves, curve, full = reconstruct_halves_and_full(sums, info.box_size, info.pixel_size_A, mask,
+                                                      config.symmetry)
     for name, vol in zip(HALF_NAMES, halves):
         write_map(out / f"half_{name}.mrc", vol, info.pixel_size_A)
     write_map(out / "map.mrc", full, info.pixel_size_A)
-    shells = np.arange(curve.size)
-    write_csv(out / "fsc.csv", {
-        "shell": shells.tolist(),
-        "frequency_invA": (shells / (info.box_size * info.pixel_size_A)).tolist(),
-        "resolution_A": shell_resolution_A(info.box_size, info.pixel_size_A).tolist(),
-        "fsc": curve.tolist(),
-    })
-    write_fsc_png(out / "fsc.png", {"half A vs half B": curve}, info.box_size,
-                  info.pixel_size_A, res_0143)
+    final_mask = job_mask(config.masks, full, info.pixel_size_A)
+    if final_mask is not None:
+        write_map(out / "mask.mrc", final_mask, info.pixel_size_A)
+    else:
+        final_mask = mask
+    report = write_fsc_report(out, halves, final_mask, info.pixel_size_A)
+    res_0143, res_05 = report["resolution_A"], report["resolution_fsc05_A"]
     elapsed = time.perf_counter() - t0
     summary = {
         "job": "reconstruct",
         "resolution_A": res_0143,
         "resolution_fsc05_A": res_05,
+        "resolution_unmasked_A": report["resolution_unmasked_A"],
+        "mask": ("user" if config.masks.mask_path else "auto" if config.masks.auto_mask
+                 else "sphere" if mask is not None else None),
         "n_particles": int(sums.count.sum()),
         "n_particles_per_half": sums.count.tolist(),
         "box_size": info.box_size,
         "pixel_size_A": info.pixel_size_A,
+        "symmetry": config.symmetry,
         "time_s": elapsed,
         "backprojection_time_s": t_backproject,
         "outputs": {k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),

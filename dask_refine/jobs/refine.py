@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import so3_grid
 from ..core.backprojection import CTF_PARAMETERS, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
@@ -35,13 +34,14 @@ from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
 from ..core.rotations import angular_distance_deg
 from ..io.errors import InputError
-from ..io.figures import write_fsc_png
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv, write_json
 from ..io.star import export_star
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.mapreduce import refine_graph
+from .masking import MaskOptions, job_mask, read_user_mask, write_fsc_report
+from .reconstruct import check_symmetry
 from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_iterations,
                          iteration_dir, read_state)
 
@@ -79,6 +79,7 @@ class RefineConfig:
     alignment_margin_shells: float = 4.0
     use_ctf: bool = True
     symmetry: str = "C1"
+    masks: MaskOptions = field(default_factory=MaskOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
     n_chains: int | None = None
@@ -112,8 +113,9 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
     if abs(px - info.pixel_size_A) > 0.01 * info.pixel_size_A:
         raise InputError(config.initial_map, f"voxel size {px:.4g} Å differs from the particles' "
                          f"pixel size {info.pixel_size_A:.4g} Å")
-    if config.symmetry.upper() != "C1":
-        raise InputError("--symmetry", f"{config.symmetry!r}: only C1 is supported so far")
+    check_symmetry(config.symmetry)
+    if config.masks.mask_path:
+        read_user_mask(config.masks.mask_path, info.box_size, info.pixel_size_A)
     names = ["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else [])
     for name in names:
         if not store.has_column(name):
@@ -161,7 +163,8 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
     return SearchParams(r_align=state.r_align, particle_radius_px=radius_px,
                         first_level=min(config.first_level, last), last_level=last,
                         max_shift_px=max_shift_px, shift_step_px=shift_step,
-                        local=local, local_level=max(config.first_level, last - 1))
+                        local=local, local_level=max(config.first_level, last - 1),
+                        symmetry=config.symmetry)
 
 
 def _save_state(folder: Path, state: State, halves, curve, full_map, px: float, extra: dict):
@@ -233,14 +236,17 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         noise_sums = noise_sums + step.noise_sums
         noise_counts = noise_counts + step.noise_counts
     # M-step: halves, FSC, references regularised by their FSC, noise, scales
-    halves = [reconstruct(sums.data[h], sums.weight[h], box) for h in range(2)]
+    sums = sums.completed(box, config.symmetry)
+    halves = [reconstruct(sums.data[h], sums.weight[h], box, complete_planes=False)
+              for h in range(2)]
     curve = fsc(halves[0] * mask, halves[1] * mask)
     resolution = resolution_at_threshold(curve, box, px, 0.143)
     ssnr_half = ssnr_from_fsc(curve)
-    references = [(reconstruct(sums.data[h], sums.weight[h], box, ssnr=ssnr_half) * mask)
-                  .astype(np.float32) for h in range(2)]
+    references = [(reconstruct(sums.data[h], sums.weight[h], box, ssnr=ssnr_half,
+                               complete_planes=False) * mask).astype(np.float32)
+                  for h in range(2)]
     full = reconstruct(sums.data[0] + sums.data[1], sums.weight[0] + sums.weight[1], box,
-                       ssnr=ssnr_from_fsc(curve, full_map=True))
+                       ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
     changed = (np.median(angular_distance_deg(rotation, state.rotation))
                if state.rotation is not None else 180.0)
     improved = resolution < state.best_resolution_A * 0.99
@@ -314,14 +320,18 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
 def _write_final_outputs(config, store, out: Path, state: State, elapsed: float) -> dict:
     info = store.info
     last = iteration_dir(out, state.iteration)
-    for name in ("map.mrc", "half_A.mrc", "half_B.mrc", "fsc.csv"):
+    for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
         shutil.copyfile(last / name, out / f".{name}.tmp")
         (out / f".{name}.tmp").replace(out / name)
-    import csv
-
-    curve = np.array([float(r["fsc"]) for r in csv.DictReader(open(last / "fsc.csv"))])
-    write_fsc_png(out / "fsc.png", {"half A vs half B": curve}, info.box_size,
-                  info.pixel_size_A, state.resolution_A, title="Gold-standard FSC")
+    px = info.pixel_size_A
+    halves = [read_map(out / f"half_{h}.mrc")[0] for h in HALVES]
+    mask = job_mask(config.masks, read_map(out / "map.mrc")[0], px)
+    if mask is not None:
+        write_map(out / "mask.mrc", mask, px)
+    else:
+        radius_px, _ = _geometry(config, info.box_size, px)
+        mask = soft_sphere_mask(info.box_size, radius_px, soft_edge_px=max(3.0, 0.05 * info.box_size))
+    report = write_fsc_report(out, halves, mask, px, title="Gold-standard FSC")
     rows = []
     for it in completed_iterations(out):
         js = read_state(out, it)
@@ -341,7 +351,9 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
                 poses={"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
                        "scale": state.scale})
     summary = {
-        "job": "refine", "resolution_A": state.resolution_A, "iterations": state.iteration,
+        "job": "refine", "resolution_A": report["resolution_A"],
+        "resolution_unmasked_A": report["resolution_unmasked_A"],
+        "resolution_last_iteration_A": state.resolution_A, "iterations": state.iteration,
         "converged": state.stale >= config.patience, "n_particles": info.n_particles,
         "box_size": info.box_size, "pixel_size_A": info.pixel_size_A, "time_s": elapsed,
         "outputs": {k: str(out / v) for k, v in (

@@ -35,6 +35,20 @@ def _progress(label: str):
     return report
 
 
+def _mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", help="user mask MRC for the final FSC (values 0…1, same box and "
+                   "voxel size as the particles)")
+    p.add_argument("--auto-mask", action="store_true",
+                   help="solvent mask from the final map (low-pass 15 Å, threshold 0.2 × max, "
+                   "extend 3 px, 6 px soft edge) for a mask-corrected FSC")
+
+
+def _masks(args):
+    from ..jobs.masking import MaskOptions
+
+    return MaskOptions(mask_path=args.mask, auto_mask=args.auto_mask)
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", metavar="ADDRESS",
@@ -116,6 +130,7 @@ def cmd_reconstruct(args) -> int:
 
     config = ReconstructConfig(store=args.store, out_dir=args.out, use_ctf=not args.no_ctf,
                                mask_diameter_A=args.mask_diameter_A, chunk_size=args.chunk_size,
+                               symmetry=args.symmetry, masks=_masks(args),
                                cluster=_cluster(args))
     summary = run_reconstruct(config, log=lambda m: print(m, file=sys.stderr))
     print(f"resolution {summary['resolution_A']:.2f} Å (FSC 0.143) from "
@@ -140,11 +155,13 @@ def cmd_refine(args) -> int:
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
-        chunk_size=args.chunk_size, resume=args.resume, cluster=_cluster(args))
+        chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
+        cluster=_cluster(args))
     summary = run_refine(config, log=lambda m: print(m, file=sys.stderr),
                          progress=_progress_bar)
     state = "converged" if summary["converged"] else "stopped at the iteration limit"
-    print(f"resolution {summary['resolution_A']:.2f} Å (gold-standard FSC 0.143) after "
+    print(f"resolution {summary['resolution_A']:.2f} Å (gold-standard FSC 0.143"
+          f"{', mask-corrected' if config.masks.mask_path or config.masks.auto_mask else ''}) after "
           f"{summary['iterations']} iterations ({state}) in {summary['time_s']:.0f} s; "
           f"outputs in {args.out}")
     return 0
@@ -229,11 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-only", action="store_true",
                    help="global pose search in every iteration (default: local searches after "
                    f"{d.global_iterations} global iterations)")
-    p.add_argument("--symmetry", default=d.symmetry, help="point group (default: %(default)s)")
+    p.add_argument("--symmetry", "--sym", default=d.symmetry,
+                   help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis conventions "
+                   "(default: %(default)s)")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished iteration")
+    _mask_args(p)
     _cluster_args(p)
     p.set_defaults(func=cmd_refine)
 
@@ -242,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     p.add_argument("--mask-diameter-A", type=float, help="soft spherical mask for the FSC (Å)")
+    p.add_argument("--symmetry", "--sym", default="C1",
+                   help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis conventions "
+                   "(default: %(default)s)")
     p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
+    _mask_args(p)
     _cluster_args(p)
     p.set_defaults(func=cmd_reconstruct)
     return parser

@@ -1,0 +1,98 @@
+"""Masks for the jobs and the final FSC report (unmasked, masked, phase-randomised, corrected).
+
+Shared by every job: a user mask (MRC, values in [0, 1], same box and voxel size as the
+particles), an automatic solvent mask from the full map (``relion_mask_create`` steps: low-pass,
+threshold, extend, soft edge), or the soft sphere of the job's mask diameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.filters import lowpass_filter
+from ..core.fsc import mask_corrected_fsc, resolution_at_threshold, shell_resolution_A
+from ..core.masks import solvent_mask
+from ..io.errors import InputError
+from ..io.figures import write_fsc_png
+from ..io.mrc import read_map
+from ..io.outputs import write_csv
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """``mask_path``: a user mask; ``auto_mask``: a solvent mask from the full map, low-passed
+    to ``auto_mask_lowpass_A``, thresholded at ``auto_mask_threshold`` × its maximum, extended by
+    ``auto_mask_extend_px`` and given a ``auto_mask_soft_edge_px`` cosine edge."""
+
+    mask_path: str | None = None
+    auto_mask: bool = False
+    auto_mask_lowpass_A: float = 15.0
+    auto_mask_threshold: float = 0.2
+    auto_mask_extend_px: float = 3.0
+    auto_mask_soft_edge_px: float = 6.0
+
+
+def read_user_mask(path, box_size: int, pixel_size_A: float) -> np.ndarray:
+    """A user mask checked against the particles: same box and voxel size, values in [0, 1]."""
+    mask, px = read_map(path)
+    if mask.shape[0] != box_size:
+        raise InputError(path, f"mask box {mask.shape[0]} differs from the particles' box "
+                         f"{box_size}; expected a ({box_size},)*3 mask")
+    if abs(px - pixel_size_A) > 0.01 * pixel_size_A:
+        raise InputError(path, f"mask voxel size {px:.4g} Å differs from the particles' pixel "
+                         f"size {pixel_size_A:.4g} Å")
+    if mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+        raise InputError(path, f"mask values span [{mask.min():.3g}, {mask.max():.3g}]; "
+                         "expected values in [0, 1]")
+    if mask.max() <= 0:
+        raise InputError(path, "mask is empty (no value above 0)")
+    return np.clip(mask, 0.0, 1.0)
+
+
+def job_mask(options: MaskOptions, full_map, pixel_size_A: float) -> np.ndarray | None:
+    """The mask a job's final FSC uses: the user's, an automatic solvent mask, or None."""
+    box = full_map.shape[0]
+    if options.mask_path:
+        return read_user_mask(options.mask_path, box, pixel_size_A)
+    if options.auto_mask:
+        smooth = lowpass_filter(np.asarray(full_map, np.float64),
+                                max(options.auto_mask_lowpass_A, 2 * pixel_size_A), pixel_size_A)
+        return solvent_mask(smooth, options.auto_mask_threshold * float(smooth.max()),
+                            options.auto_mask_extend_px, options.auto_mask_soft_edge_px)
+    return None
+
+
+def write_fsc_report(out_dir, halves, mask, pixel_size_A: float, title: str = "") -> dict:
+    """``fsc.csv`` and ``fsc.png`` in ``out_dir`` for two half maps. With a mask: unmasked,
+    masked, phase-randomised masked and corrected curves; the resolution is the corrected curve's
+    0.143 crossing. Without: the unmasked curve. Returns the curves and resolutions."""
+    out = Path(out_dir)
+    box = halves[0].shape[0]
+    ones = np.ones_like(halves[0]) if mask is None else mask
+    curves = mask_corrected_fsc(halves[0], halves[1], ones)
+    final = curves["corrected"]
+    shells = np.arange(final.size)
+    columns = {"shell": shells.tolist(),
+               "frequency_invA": (shells / (box * pixel_size_A)).tolist(),
+               "resolution_A": shell_resolution_A(box, pixel_size_A).tolist(),
+               "fsc": final.tolist(), "fsc_unmasked": curves["unmasked"].tolist()}
+    if mask is not None:
+        columns.update(fsc_masked=curves["masked"].tolist(),
+                       fsc_phase_randomized_masked=curves["randomized_masked"].tolist(),
+                       fsc_corrected=final.tolist())
+    write_csv(out / "fsc.csv", columns)
+    resolution = resolution_at_threshold(final, box, pixel_size_A, 0.143)
+    plotted = ({"corrected (masked)": final, "unmasked": curves["unmasked"],
+                "phase-randomised masked": curves["randomized_masked"]}
+               if mask is not None else {"half A vs half B": final})
+    write_fsc_png(out / "fsc.png", plotted, box, pixel_size_A, resolution,
+                  **({"title": title} if title else {}))
+    return {"resolution_A": resolution,
+            "resolution_fsc05_A": resolution_at_threshold(final, box, pixel_size_A, 0.5),
+            "resolution_unmasked_A": resolution_at_threshold(curves["unmasked"], box,
+                                                             pixel_size_A, 0.143),
+            "randomize_at_shell": curves["randomize_at_shell"] if mask is not None else None,
+            "curves": curves}
