@@ -81,7 +81,9 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
 
     ``images``: ``(N, D, D)`` real; ``meta``: columns ``rotation (N, 3, 3)``, ``shift_A (N, 2)``,
     optional ``scale (N,)`` and the CTF columns; ``groups``: ``(N,)`` int group of each particle.
-    Raises ``ValueError`` naming the first particle (0-based index ``first_index + i``) whose
+    Soft classes: with a ``class_weight (N, K)`` column (posterior probabilities), ``groups`` is
+    the half set and particle ``i`` goes into every group ``k·2 + half`` with its data and
+    weights multiplied by ``class_weight[i, k]`` (zero weights are skipped). Raises ``ValueError`` naming the first particle (0-based index ``first_index + i``) whose
     pixels are not finite.
     """
     xp = array_module(images)
@@ -101,9 +103,19 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     weight2 = xp.broadcast_to((weight * weight).astype(xp.float32), data.shape)
     groups = np.asarray(groups)
     rotations = xp.asarray(meta["rotation"])
-    for g in np.unique(groups):
-        sel = np.flatnonzero(groups == g)
-        insert_central_slices_rfft(data[sel], weight2[sel], rotations[sel], sums.data[g],
-                                   sums.weight[g], r_max)
+    if "class_weight" in meta:
+        member = np.asarray(meta["class_weight"], dtype=np.float32).reshape(n, -1)
+        targets = [(k * 2 + h, np.flatnonzero((groups == h) & (member[:, k] > 0)), member[:, k])
+                   for k in range(member.shape[1]) for h in np.unique(groups)]
+    else:
+        targets = [(g, np.flatnonzero(groups == g), None) for g in np.unique(groups)]
+    for g, sel, w in targets:
+        if sel.size == 0:
+            continue
+        d, w2 = data[sel], weight2[sel]
+        if w is not None:
+            wk = xp.asarray(w[sel]).reshape(-1, 1, 1)
+            d, w2 = d * wk, w2 * wk
+        insert_central_slices_rfft(d, w2, rotations[sel], sums.data[g], sums.weight[g], r_max)
         sums.count[g] += sel.size
     return sums

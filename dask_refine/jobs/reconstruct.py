@@ -36,7 +36,9 @@ class ReconstructConfig:
     ``chunk_size``: particles per task (None: the store's chunks); ``n_chains``: parallel
     accumulation chains (None: one per worker thread); ``symmetry``: point group applied to
     the sums before reconstruction (RELION's ``--sym``); ``masks``: a user or automatic solvent
-    mask for the final, mask-corrected FSC (:mod:`.masking`)."""
+    mask for the final, mask-corrected FSC (:mod:`.masking`); ``classes``: heterogeneous
+    reconstruction, ``"labels"`` (the store's class labels, hard) or a ``.npy`` file of
+    ``(N, K)`` class probabilities (soft); maps then go to ``class_001/`` … ``class_K/``."""
 
     store: str
     out_dir: str
@@ -48,6 +50,7 @@ class ReconstructConfig:
     split_every: int = 4
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
+    classes: str | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -109,6 +112,62 @@ def reconstruct_halves_and_full(sums: FourierSums, box_size: int, pixel_size_A: 
     return halves, curve, full
 
 
+def _class_groups(classes: str, store: ParticleStore, meta: dict, halves: np.ndarray):
+    """Groups for a heterogeneous reconstruction: ``"labels"`` uses the store's ``class_id``
+    (hard, from ``rlnClassNumber``); a ``.npy`` file of ``(N, K)`` posterior probabilities gives
+    soft, weighted backprojection. Returns ``(groups, K, description)``; may add
+    ``meta["class_weight"]``."""
+    n = halves.size
+    if classes == "labels":
+        if not store.has_column("class_id"):
+            raise InputError(f"{store.path}/class_id", "no class labels; import a STAR file with "
+                             "rlnClassNumber or pass --classes FILE.npy with (N, K) weights")
+        labels = store.read_column("class_id").astype(np.int64)
+        if labels.min() < 0:
+            raise InputError(f"{store.path}/class_id", f"class {labels.min() + 1} found; "
+                             "expected class numbers ≥ 1")
+        return labels * 2 + halves, int(labels.max()) + 1, "hard labels"
+    path = Path(classes)
+    try:
+        weights = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(path, "file not found; expected 'labels' or a .npy file") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(path, f"cannot read it as a NumPy .npy array ({exc})") from None
+    if weights.ndim != 2 or weights.shape[0] != n:
+        raise InputError(path, f"shape {weights.shape}; expected ({n}, K) class weights")
+    if not np.isfinite(weights).all() or weights.min() < 0:
+        raise InputError(path, "expected finite, non-negative class weights")
+    meta["class_weight"] = weights.astype(np.float32)
+    return halves, weights.shape[1], "soft weights"
+
+
+def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, mask) -> dict:
+    """Half maps, full map, mask and FSC report of one class into ``out``; their summary."""
+    px = info.pixel_size_A
+    halves, _, full = reconstruct_halves_and_full(sums, info.box_size, px, mask, config.symmetry)
+    for name, vol in zip(HALF_NAMES, halves):
+        write_map(out / f"half_{name}.mrc", vol, px)
+    write_map(out / "map.mrc", full, px)
+    final_mask = job_mask(config.masks, full, px)
+    if final_mask is not None:
+        write_map(out / "mask.mrc", final_mask, px)
+    else:
+        final_mask = mask
+    report = write_fsc_report(out, halves, final_mask, px)
+    return {
+        "resolution_A": report["resolution_A"],
+        "resolution_fsc05_A": report["resolution_fsc05_A"],
+        "resolution_unmasked_A": report["resolution_unmasked_A"],
+        "mask": ("user" if config.masks.mask_path else "auto" if config.masks.auto_mask
+                 else "sphere" if mask is not None else None),
+        "n_particles_per_half": sums.count.tolist(),
+        "outputs": {k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),
+                                                   ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
+                                                   ("fsc_plot", "fsc.png"))},
+    }
+
+
 def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     """Run the job; returns the summary written to ``summary.json``.
 
@@ -124,50 +183,43 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     groups = meta["half_set"].astype(np.int64)
     if not np.isin(groups, (0, 1)).all():
         raise InputError(f"{store.path}/half_set", "expected values 0 (half A) or 1 (half B)")
+    n_classes, class_note = 1, None
+    if config.classes:
+        groups, n_classes, class_note = _class_groups(config.classes, store, meta, groups)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(config))
     log(f"reconstructing {info.n_particles} particles (box {info.box_size}, "
-        f"{info.pixel_size_A:.3f} Å/px)")
+        f"{info.pixel_size_A:.3f} Å/px)" + (f", {n_classes} classes ({class_note})"
+                                            if class_note else ""))
     if client is None:
         with dask_client(config.cluster) as own_client:
-            sums = compute_sums(store, meta, groups, 2, config, own_client)
+            sums = compute_sums(store, meta, groups, 2 * n_classes, config, own_client)
     else:
-        sums = compute_sums(store, meta, groups, 2, config, client)
+        sums = compute_sums(store, meta, groups, 2 * n_classes, config, client)
     t_backproject = time.perf_counter() - t0
     mask = None
     if config.mask_diameter_A:
         mask = soft_sphere_mask(info.box_size, 0.5 * config.mask_diameter_A / info.pixel_size_A)
-    halves, curve, full = reconstruct_halves_and_full(sums, info.box_size, info.pixel_size_A, mask,
-                                                      config.symmetry)
-    for name, vol in zip(HALF_NAMES, halves):
-        write_map(out / f"half_{name}.mrc", vol, info.pixel_size_A)
-    write_map(out / "map.mrc", full, info.pixel_size_A)
-    final_mask = job_mask(config.masks, full, info.pixel_size_A)
-    if final_mask is not None:
-        write_map(out / "mask.mrc", final_mask, info.pixel_size_A)
+    if config.classes:
+        results = {}
+        for k in range(n_classes):
+            pair = FourierSums(sums.data[2 * k:2 * k + 2], sums.weight[2 * k:2 * k + 2],
+                               sums.count[2 * k:2 * k + 2])
+            folder = out / f"class_{k + 1:03d}"
+            folder.mkdir(exist_ok=True)
+            if pair.count.min() == 0:
+                log(f"class {k + 1}: a half set is empty; no map")
+                results[k + 1] = {"n_particles_per_half": pair.count.tolist()}
+                continue
+            results[k + 1] = _write_maps(folder, pair, info, config, mask)
+        summary = {"job": "reconstruct", "classes": class_note, "n_classes": n_classes,
+                   "per_class": results}
     else:
-        final_mask = mask
-    report = write_fsc_report(out, halves, final_mask, info.pixel_size_A)
-    res_0143, res_05 = report["resolution_A"], report["resolution_fsc05_A"]
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "job": "reconstruct",
-        "resolution_A": res_0143,
-        "resolution_fsc05_A": res_05,
-        "resolution_unmasked_A": report["resolution_unmasked_A"],
-        "mask": ("user" if config.masks.mask_path else "auto" if config.masks.auto_mask
-                 else "sphere" if mask is not None else None),
-        "n_particles": int(sums.count.sum()),
-        "n_particles_per_half": sums.count.tolist(),
-        "box_size": info.box_size,
-        "pixel_size_A": info.pixel_size_A,
-        "symmetry": config.symmetry,
-        "time_s": elapsed,
-        "backprojection_time_s": t_backproject,
-        "outputs": {k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),
-                                                   ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
-                                                   ("fsc_plot", "fsc.png"))},
-    }
+        summary = {"job": "reconstruct", **_write_maps(out, sums, info, config, mask)}
+    summary.update({
+        "n_particles": info.n_particles, "box_size": info.box_size,
+        "pixel_size_A": info.pixel_size_A, "symmetry": config.symmetry,
+        "time_s": time.perf_counter() - t0, "backprojection_time_s": t_backproject})
     write_json(out / "summary.json", summary)
     return summary

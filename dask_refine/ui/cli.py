@@ -131,8 +131,15 @@ def cmd_reconstruct(args) -> int:
     config = ReconstructConfig(store=args.store, out_dir=args.out, use_ctf=not args.no_ctf,
                                mask_diameter_A=args.mask_diameter_A, chunk_size=args.chunk_size,
                                symmetry=args.symmetry, masks=_masks(args),
-                               cluster=_cluster(args))
+                               classes=args.classes, cluster=_cluster(args))
     summary = run_reconstruct(config, log=lambda m: print(m, file=sys.stderr))
+    if args.classes:
+        for k, c in summary["per_class"].items():
+            res = f"{c['resolution_A']:.2f} Å" if "resolution_A" in c else "no map"
+            print(f"class {k}: {res} from {sum(c['n_particles_per_half'])} particles")
+        print(f"{summary['n_classes']} classes in {summary['time_s']:.1f} s; maps in "
+              f"{args.out}/class_*/")
+        return 0
     print(f"resolution {summary['resolution_A']:.2f} Å (FSC 0.143) from "
           f"{summary['n_particles']} particles in {summary['time_s']:.1f} s; "
           f"maps in {args.out}")
@@ -262,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     p.add_argument("--mask-diameter-A", type=float, help="soft spherical mask for the FSC (Å)")
+    p.add_argument("--classes", metavar="labels|FILE.npy",
+                   help="heterogeneous reconstruction: 'labels' backprojects by the store's "
+                   "class labels (rlnClassNumber); FILE.npy holds (N, K) class probabilities "
+                   "for soft, weighted backprojection. Maps go to OUT/class_NNN/")
     p.add_argument("--symmetry", "--sym", default="C1",
                    help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis conventions "
                    "(default: %(default)s)")
