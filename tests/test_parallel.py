@@ -65,3 +65,42 @@ def test_job_outputs_and_read_only_input(store, tmp_path):
     assert summary["n_particles"] == 300 and sum(summary["n_particles_per_half"]) == 300
     assert 4.0 <= summary["resolution_A"] < 15.0
     np.testing.assert_array_equal(ParticleStore.open(store.path).images[:5], before)
+
+
+def test_killing_a_worker_mid_reduction_does_not_change_the_result(tmp_path, demo_map):
+    """A real SIGKILL of a worker process while the backprojection graph runs: the nanny
+    restarts it, the scheduler recomputes the lost chunks, and the sums are unchanged."""
+    import os
+    import signal
+    import time
+
+    volume, px = demo_map
+    big = simulate_store(volume, px, tmp_path / "big.zarr",
+                         SimulationConfig(n_particles=1600, snr=0.2, chunk_size=400, seed=3),
+                         write_poses=True)
+    reference = _in_memory(big)
+    meta = load_pose_metadata(big, True)
+    cfg = ReconstructConfig(store=str(big.path), out_dir="unused", chunk_size=8, n_chains=4)
+    from dask_refine.parallel.mapreduce import backproject_graph
+
+    graph = backproject_graph(big.images_dask(8), {k: v for k, v in meta.items()
+                                                   if k != "half_set"},
+                              meta["half_set"].astype(int), 2, px, n_chains=cfg.n_chains)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        future = client.compute(graph)
+
+        def finished(dask_scheduler):
+            return sum(ts.state == "memory" for ts in dask_scheduler.tasks.values())
+
+        deadline = time.time() + 60
+        while client.run_on_scheduler(finished) < 10 and time.time() < deadline:
+            time.sleep(0.02)
+        assert not future.done(), "the graph finished before the kill; make it larger"
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGKILL)
+        sums = future.result(timeout=300)
+        # the killed worker is gone (its nanny started a new one at another address)
+        assert client.run_on_scheduler(lambda dask_scheduler: victim not in dask_scheduler.workers)
+    _assert_same(sums, reference)
