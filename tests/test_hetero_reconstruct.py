@@ -39,7 +39,7 @@ def test_hard_labels_and_one_hot_weights_give_the_same_class_maps(labelled, demo
     counts = [sum(hard["per_class"][k]["n_particles_per_half"]) for k in (1, 2)]
     assert counts == [int((labels == 0).sum()), int((labels == 1).sum())]
     np.save(root / "onehot.npy", np.eye(2)[labels])
-    soft = _run(root, "soft", str(root / "onehot.npy"))
+    _run(root, "soft", str(root / "onehot.npy"))
     for k in (1, 2):
         a = read_map(root / "hard" / f"class_{k:03d}" / "map.mrc")[0]
         b = read_map(root / "soft" / f"class_{k:03d}" / "map.mrc")[0]

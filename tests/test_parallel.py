@@ -104,3 +104,34 @@ def test_killing_a_worker_mid_reduction_does_not_change_the_result(tmp_path, dem
         # the killed worker is gone (its nanny started a new one at another address)
         assert client.run_on_scheduler(lambda dask_scheduler: victim not in dask_scheduler.workers)
     _assert_same(sums, reference)
+
+
+def test_tls_scheduler_with_our_cluster_config(tmp_path):
+    """A tls:// scheduler is reached with the TLS files given on the command line."""
+    from distributed.security import Security
+
+    from dask_refine.parallel.cluster import ClusterConfig, dask_client
+
+    sec = Security.temporary()  # in-memory CA, certificate and key (PEM text)
+    files = {}
+    for name, pem in (("ca", sec.tls_ca_file), ("cert", sec.tls_client_cert),
+                      ("key", sec.tls_client_key)):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text(pem)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
+                      host="127.0.0.1", security=sec, dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1")
+        cfg = ClusterConfig(scheduler=cluster.scheduler_address, tls_ca_file=str(files["ca"]),
+                            tls_cert=str(files["cert"]), tls_key=str(files["key"]))
+        with dask_client(cfg) as client:
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_embedded_cluster_binds_to_loopback():
+    from dask_refine.parallel.cluster import ClusterConfig, dask_client
+
+    with dask_client(ClusterConfig(n_workers=1)) as client:
+        info = client.scheduler_info()
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert all(addr.startswith("tcp://127.0.0.1:") for addr in info["workers"])
+        assert client.dashboard_link.startswith("http://127.0.0.1:")

@@ -15,9 +15,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where to run. ``scheduler``: address of a running scheduler (``tcp://host:8786``) or None for
-    an embedded LocalCluster of ``n_workers`` processes (default: one per core)."""
+    an embedded LocalCluster of ``n_workers`` processes (default: one per core). For a
+    ``tls://`` scheduler, ``tls_ca_file``/``tls_cert``/``tls_key`` are the client's TLS files
+    (Dask's ``distributed.Security``); without them Dask's own ``distributed.comm.tls``
+    configuration applies."""
 
     scheduler: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"
@@ -30,7 +36,13 @@ def dask_client(config: ClusterConfig = ClusterConfig()):
     from distributed import Client, LocalCluster
 
     if config.scheduler:
-        client = Client(config.scheduler)
+        security = None
+        if config.tls_ca_file or config.tls_cert or config.tls_key:
+            from distributed.security import Security
+
+            security = Security(tls_ca_file=config.tls_ca_file, tls_client_cert=config.tls_cert,
+                                tls_client_key=config.tls_key, require_encryption=True)
+        client = Client(config.scheduler, security=security)
         try:
             yield client
         finally:

@@ -57,11 +57,17 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    "(default: one per core)")
     g.add_argument("--threads-per-worker", type=int, default=1,
                    help="embedded cluster: threads per worker (default: %(default)s)")
+    g.add_argument("--tls-ca-file", metavar="PEM",
+                   help="remote tls:// scheduler: CA certificate (Dask TLS security)")
+    g.add_argument("--tls-cert", metavar="PEM", help="remote tls:// scheduler: client certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="remote tls:// scheduler: client private key")
 
 
 def _cluster(args) -> ClusterConfig:
     return ClusterConfig(scheduler=args.scheduler, n_workers=args.n_workers,
-                         threads_per_worker=args.threads_per_worker)
+                         threads_per_worker=args.threads_per_worker,
+                         tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key)
 
 
 def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
