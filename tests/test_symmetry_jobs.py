@@ -101,6 +101,7 @@ def test_search_over_the_asymmetric_unit_finds_equivalent_poses(symmetric_32):
     assert np.allclose(c4.error, c1.error, rtol=0.05, atol=1e-3 * np.abs(c1.error).max())
 
 
+@pytest.mark.slow  # ~50 s; symmetric reconstruction and search are covered above
 def test_refinement_with_symmetry_gives_the_c1_map(symmetric_32, tmp_path):
     volume, px = symmetric_32
     store = simulate_store(volume, px, tmp_path / "p.zarr",

@@ -31,16 +31,31 @@ class StepResult:
     scale_estimate: np.ndarray  # (B,)
     noise_sums: np.ndarray  # (D//2 + 1,)
     noise_counts: np.ndarray  # (D//2 + 1,)
+    class_id: np.ndarray | None = None  # (B,) best class, heterogeneous refinement only
+    class_weight: np.ndarray | None = None  # (B, K) posterior class probabilities
+
+
+def class_posteriors(errors) -> np.ndarray:
+    """Class probabilities ``(B, K)`` from the noise-weighted errors ``(B, K)`` at each class's
+    best pose: the errors are −2 log-likelihoods, so ``p_k ∝ exp(−(E_k − min E) / 2)`` (equal
+    class priors, RELION's maximum-a-posteriori weights)."""
+    e = np.asarray(errors, np.float64)
+    w = np.exp(-0.5 * (e - e.min(axis=1, keepdims=True)))
+    return w / w.sum(axis=1, keepdims=True)
 
 
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,
                      noise_weight, params: SearchParams, pixel_size_A: float,
-                     scale_max_shell: float, first_index: int = 0) -> StepResult:
+                     scale_max_shell: float, first_index: int = 0, n_classes: int = 1,
+                     soft_classes: bool = False) -> StepResult:
     """Search, score and backproject a batch; ``sums`` is accumulated in place.
 
     ``meta``: CTF columns, ``scale (B,)`` (current scales, used for search and backprojection),
     ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors).
-    ``groups`` ``(B,)``: the reference/sum index of each particle.
+    ``groups`` ``(B,)``: the half set of each particle; references and sums are indexed
+    ``class · 2 + half``. With ``n_classes`` > 1 every particle is searched against every class:
+    hard assignment backprojects it into its best class; ``soft_classes`` into every class with
+    its posterior probability (:func:`class_posteriors`), each at that class's best pose.
     """
     images = np.asarray(images, dtype=np.float32)
     n, box = images.shape[0], images.shape[-1]
@@ -57,25 +72,50 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     out = StepResult(np.zeros((n, 3, 3)), np.zeros((n, 2)), np.zeros(n),
                      np.zeros(n, np.int64), np.ones(n), np.zeros(box // 2 + 1),
                      np.zeros(box // 2 + 1))
-    for g in np.unique(groups):
-        sel = np.flatnonzero(groups == g)
+    if n_classes > 1:
+        out.class_id = np.zeros(n, np.int64)
+        out.class_weight = np.zeros((n, n_classes))
+    for h in np.unique(groups):
+        sel = np.flatnonzero(groups == h)
         data = ParticleData(x[sel], ctf[sel], scale[sel], noise_weight)
-        res = branch_and_bound(references[g], data, params,
-                               prior_rotation=None if prior_rot is None else prior_rot[sel],
-                               prior_origin_px=prior_origin[sel], envelope=envelopes[g])
-        out.rotation[sel] = res.rotation
-        out.origin_px[sel] = res.origin_px
-        out.error[sel] = res.error
-        out.n_evaluations[sel] = res.n_evaluations
-        centred = translate_rfft(x[sel], res.origin_px)
-        model = ctf[sel] * extract_central_slices_rfft(references[g], res.rotation, box)
+        found = [branch_and_bound(references[2 * k + h], data, params,
+                                  prior_rotation=None if prior_rot is None else prior_rot[sel],
+                                  prior_origin_px=prior_origin[sel],
+                                  envelope=envelopes[2 * k + h]) for k in range(n_classes)]
+        errors = np.stack([r.error for r in found], axis=1)  # (b, K)
+        best = np.argmin(errors, axis=1)
+        pick = np.arange(sel.size)
+        out.rotation[sel] = np.stack([r.rotation for r in found], axis=1)[pick, best]
+        out.origin_px[sel] = np.stack([r.origin_px for r in found], axis=1)[pick, best]
+        out.error[sel] = errors[pick, best]
+        out.n_evaluations[sel] = sum(r.n_evaluations for r in found)
+        posterior = class_posteriors(errors)
+        if n_classes > 1:
+            out.class_id[sel], out.class_weight[sel] = best, posterior
+        # residuals, noise and scales at the best class's pose
+        centred = translate_rfft(x[sel], out.origin_px[sel])
+        model = np.zeros_like(centred)
+        for k in range(n_classes):
+            mine = np.flatnonzero(best == k)
+            if mine.size:
+                model[mine] = ctf[sel][mine] * extract_central_slices_rfft(
+                    references[2 * k + h], out.rotation[sel][mine], box)
         out.scale_estimate[sel] = estimate_scales(centred, model, noise_weight, scale_max_shell)
         s = scale[sel].reshape(-1, 1, 1)
         p_sum, p_count = shell_power_sums(centred - s * model)
         out.noise_sums += p_sum
         out.noise_counts += p_count
         weight = (s * ctf[sel]).astype(np.float32)
-        insert_central_slices_rfft((centred * weight).astype(np.complex64), weight * weight,
-                                   res.rotation, sums.data[g], sums.weight[g])
-        sums.count[g] += sel.size
+        for k in range(n_classes):
+            w_k = posterior[:, k] if soft_classes else (best == k).astype(np.float64)
+            mine = np.flatnonzero(w_k > 1e-3)
+            if mine.size == 0:
+                continue
+            at_k = translate_rfft(x[sel][mine], found[k].origin_px[mine])
+            wk = w_k[mine].reshape(-1, 1, 1).astype(np.float32)
+            insert_central_slices_rfft((at_k * weight[mine] * wk).astype(np.complex64),
+                                       weight[mine] * weight[mine] * wk,
+                                       found[k].rotation[mine], sums.data[2 * k + h],
+                                       sums.weight[2 * k + h])
+            sums.count[2 * k + h] += mine.size
     return out

@@ -14,6 +14,7 @@ Outputs at the top of ``out_dir``: ``map.mrc`` (FSC-Wiener-regularised full map)
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -46,7 +47,7 @@ from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_it
                          iteration_dir, read_state)
 
 HALVES = ("A", "B")
-RESUME_KEYS = ("store", "initial_map", "initial_lowpass_A", "mask_diameter_A", "max_shift_A",
+RESUME_KEYS = ("store", "initial_map", "soft_classes", "initial_lowpass_A", "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "local_search", "global_iterations",
                "use_ctf", "pad", "alignment_margin_shells", "symmetry")
 
@@ -61,11 +62,19 @@ class RefineConfig:
     search only around the previous poses (RELION auto-refine likewise switches to local searches
     once the sampling is fine). ``alignment_margin_shells``: Fourier shells beyond the
     current resolution used for alignment.
+
+    Heterogeneous Refinement: ``initial_map`` is a tuple of K maps (one class each, normalised
+    to the particles' greyscale separately); every particle is searched against every class and
+    assigned to its best (``soft_classes``: backprojected into each with its posterior
+    probability). Iterations stop when, besides the resolution, fewer than
+    ``class_change_fraction`` of the particles change class.
     """
 
     store: str
-    initial_map: str
+    initial_map: str | tuple[str, ...]
     out_dir: str
+    soft_classes: bool = False
+    class_change_fraction: float = 0.01
     initial_lowpass_A: float = 30.0
     max_iterations: int = 15
     patience: int = 2
@@ -93,7 +102,7 @@ class State:
     """What one iteration hands to the next (all of it is saved in the iteration folder)."""
 
     iteration: int
-    references: list  # two (D, D, D) float32 half references
+    references: list  # (D, D, D) float32 references, index class · 2 + half
     sigma2: np.ndarray  # noise σ² per shell
     scale: np.ndarray  # (N,)
     rotation: np.ndarray | None  # (N, 3, 3) or None before the first iteration
@@ -102,17 +111,32 @@ class State:
     resolution_A: float
     best_resolution_A: float
     stale: int  # iterations without improvement
+    class_id: np.ndarray | None = None  # (N,) best class (heterogeneous refinement)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.references) // 2
+
+
+def initial_maps(config: RefineConfig) -> list[str]:
+    """The initial map of each class (one for Homogeneous Refinement)."""
+    if isinstance(config.initial_map, (str, Path)):
+        return [str(config.initial_map)]
+    return [str(m) for m in config.initial_map]
 
 
 def _check_inputs(config: RefineConfig, store: ParticleStore):
     info = store.info
-    volume, px = read_map(config.initial_map)
-    if volume.shape[0] != info.box_size:
-        raise InputError(config.initial_map, f"box {volume.shape[0]} differs from the particles' "
-                         f"box {info.box_size}; resample the map to the particle box")
-    if abs(px - info.pixel_size_A) > 0.01 * info.pixel_size_A:
-        raise InputError(config.initial_map, f"voxel size {px:.4g} Å differs from the particles' "
-                         f"pixel size {info.pixel_size_A:.4g} Å")
+    volumes = []
+    for path in initial_maps(config):
+        volume, px = read_map(path)
+        if volume.shape[0] != info.box_size:
+            raise InputError(path, f"box {volume.shape[0]} differs from the particles' "
+                             f"box {info.box_size}; resample the map to the particle box")
+        if abs(px - info.pixel_size_A) > 0.01 * info.pixel_size_A:
+            raise InputError(path, f"voxel size {px:.4g} Å differs from the particles' "
+                             f"pixel size {info.pixel_size_A:.4g} Å")
+        volumes.append(volume)
     check_symmetry(config.symmetry)
     if config.masks.mask_path:
         read_user_mask(config.masks.mask_path, info.box_size, info.pixel_size_A)
@@ -120,7 +144,7 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
     for name in names:
         if not store.has_column(name):
             raise InputError(f"{store.path}/{name}", "required column is missing")
-    return volume
+    return volumes
 
 
 def _geometry(config: RefineConfig, box: int, px: float):
@@ -130,25 +154,29 @@ def _geometry(config: RefineConfig, box: int, px: float):
     return radius_px, max_shift_px
 
 
-def _initial_state(config, store, volume, meta, radius_px, sample: int = 512) -> State:
+def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -> State:
     info = store.info
     box, px = info.box_size, info.pixel_size_A
     n = info.n_particles
     mask = soft_sphere_mask(box, radius_px, soft_edge_px=max(3.0, 0.05 * box))
-    initial = lowpass_filter(volume, config.initial_lowpass_A, px) * mask.astype(np.float32)
     # greyscale and first noise model from a sample of particles (every k-th particle)
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(int))
     images = np.asarray(store.images.get_orthogonal_selection((rows, slice(None), slice(None))))
     power = shell_mean((np.abs(centred_rfftn(images, 2)) ** 2).mean(axis=0), box, 2)
     ctf2 = (particle_ctfs({k: v[rows] for k, v in meta.items() if k in CTF_PARAMETERS}, box, px)
             ** 2).mean(axis=0) if config.use_ctf else np.ones((box, box // 2 + 1))
-    ref_power = shell_mean(np.abs(centred_rfftn(initial.astype(np.float64), 3)) ** 2, box, 3)
     lowpass_shell = box * px / config.initial_lowpass_A
-    g, sigma2 = initial_noise_and_scale(power, shell_mean(ctf2, box, 2), ref_power,
-                                        lowpass_shell)
-    reference = (initial * g).astype(np.float32)
+    references, noise = [], []
+    for volume in volumes:  # each class on the particles' greyscale, separately
+        initial = lowpass_filter(volume, config.initial_lowpass_A, px) * mask.astype(np.float32)
+        ref_power = shell_mean(np.abs(centred_rfftn(initial.astype(np.float64), 3)) ** 2, box, 3)
+        g, sigma2 = initial_noise_and_scale(power, shell_mean(ctf2, box, 2), ref_power,
+                                            lowpass_shell)
+        reference = (initial * g).astype(np.float32)
+        references += [reference, reference.copy()]
+        noise.append(sigma2)
     r_align = min(box / 2 - 1, lowpass_shell + config.alignment_margin_shells)
-    return State(0, [reference, reference.copy()], sigma2, np.ones(n), None, np.zeros((n, 2)),
+    return State(0, references, np.mean(noise, axis=0), np.ones(n), None, np.zeros((n, 2)),
                  r_align, config.initial_lowpass_A, math.inf, 0)
 
 
@@ -167,45 +195,66 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
                         symmetry=config.symmetry)
 
 
-def _save_state(folder: Path, state: State, halves, curve, full_map, px: float, extra: dict):
-    for h, name in enumerate(HALVES):
-        write_map(folder / f"half_{name}.mrc", halves[h], px)
-        write_map(folder / f"reference_{name}.mrc", state.references[h], px)
-    write_map(folder / "map.mrc", full_map, px)
-    box = full_map.shape[0]
-    shells = np.arange(curve.size)
-    write_csv(folder / "fsc.csv", {"shell": shells.tolist(),
-                                   "frequency_invA": (shells / (box * px)).tolist(),
-                                   "resolution_A": shell_resolution_A(box, px).tolist(),
-                                   "fsc": curve.tolist()})
+def _class_dir(folder: Path, k: int, n_classes: int) -> Path:
+    """Where class ``k``'s files go: the folder itself for one class, else ``class_NNN/``."""
+    if n_classes == 1:
+        return folder
+    sub = folder / f"class_{k + 1:03d}"
+    sub.mkdir(exist_ok=True)
+    return sub
+
+
+def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
+    """``per_class``: ``(halves, curve, full_map)`` of each class (None for an empty class)."""
+    for k, result in enumerate(per_class):
+        where = _class_dir(folder, k, state.n_classes)
+        for h, name in enumerate(HALVES):
+            write_map(where / f"reference_{name}.mrc", state.references[2 * k + h], px)
+        if result is None:
+            continue
+        halves, curve, full_map = result
+        for h, name in enumerate(HALVES):
+            write_map(where / f"half_{name}.mrc", halves[h], px)
+        write_map(where / "map.mrc", full_map, px)
+        box = full_map.shape[0]
+        shells = np.arange(curve.size)
+        write_csv(where / "fsc.csv", {"shell": shells.tolist(),
+                                      "frequency_invA": (shells / (box * px)).tolist(),
+                                      "resolution_A": shell_resolution_A(box, px).tolist(),
+                                      "fsc": curve.tolist()})
+    classes = {} if state.class_id is None else {"class_id": state.class_id}
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
-             scale=state.scale, sigma2=state.sigma2, **extra.pop("arrays"))
+             scale=state.scale, sigma2=state.sigma2, **classes, **extra.pop("arrays"))
     write_json(folder / "state.json", {
         "iteration": state.iteration, "r_align": state.r_align,
         "resolution_A": state.resolution_A, "best_resolution_A": state.best_resolution_A,
-        "stale": state.stale, **extra})
+        "stale": state.stale, "n_classes": state.n_classes, **extra})
 
 
 def _load_state(out_dir, iteration: int) -> State:
     folder = iteration_dir(out_dir, iteration)
     js = read_state(out_dir, iteration)
     arrays = np.load(folder / "poses.npz")
-    refs = [read_map(folder / f"reference_{h}.mrc")[0] for h in HALVES]
+    k_total = int(js.get("n_classes", 1))
+    refs = [read_map(_class_dir(folder, k, k_total) / f"reference_{h}.mrc")[0]
+            for k in range(k_total) for h in HALVES]
     return State(js["iteration"], refs, arrays["sigma2"], arrays["scale"], arrays["rotation"],
                  arrays["origin_px"], js["r_align"], js["resolution_A"],
-                 js["best_resolution_A"], js["stale"])
+                 js["best_resolution_A"], js["stale"],
+                 arrays["class_id"] if "class_id" in arrays else None)
 
 
 def _run_iteration(config, store, meta, groups, state: State, client, radius_px, max_shift_px,
                    mask, progress):
     info = store.info
     box, px = info.box_size, info.pixel_size_A
+    n_classes = state.n_classes
     params = _search_params(config, state, box, radius_px, max_shift_px)
     prepared = [prepare_reference_rfft(r, config.pad) for r in state.references]
     envelopes = [amplitude_envelope(p, box) for p in prepared]
     reliable = state.r_align - config.alignment_margin_shells
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
-                max(2.0, reliable))
+                max(2.0, reliable), n_classes, config.soft_classes)
     settings = client.scatter(settings, broadcast=True) if client is not None else settings
     step_meta = {k: meta[k] for k in CTF_PARAMETERS if k in meta}
     step_meta["scale"] = state.scale
@@ -213,8 +262,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     if params.local:
         step_meta["rotation"] = state.rotation
     n_threads = sum(client.nthreads().values()) if client is not None else 1
-    graph = refine_graph(store.images_dask(config.chunk_size), step_meta, groups, 2, settings,
-                         config.pad, n_chains=config.n_chains or max(1, n_threads),
+    graph = refine_graph(store.images_dask(config.chunk_size), step_meta, groups, 2 * n_classes,
+                         settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
                          split_every=config.split_every, source=str(store.path))
     t0 = time.perf_counter()
     if client is None:
@@ -228,39 +277,59 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     n = info.n_particles
     rotation, origin = np.zeros((n, 3, 3)), np.zeros((n, 2))
     error, evals, scale_est = np.zeros(n), np.zeros(n, np.int64), np.ones(n)
+    class_id = np.zeros(n, np.int64) if n_classes > 1 else None
     noise_sums, noise_counts = 0.0, 0.0
     for start, step in results:
         rows = slice(start, start + step.rotation.shape[0])
         rotation[rows], origin[rows], error[rows] = step.rotation, step.origin_px, step.error
         evals[rows], scale_est[rows] = step.n_evaluations, step.scale_estimate
+        if class_id is not None:
+            class_id[rows] = step.class_id
         noise_sums = noise_sums + step.noise_sums
         noise_counts = noise_counts + step.noise_counts
-    # M-step: halves, FSC, references regularised by their FSC, noise, scales
+    # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
-    halves = [reconstruct(sums.data[h], sums.weight[h], box, complete_planes=False)
-              for h in range(2)]
-    curve = fsc(halves[0] * mask, halves[1] * mask)
-    resolution = resolution_at_threshold(curve, box, px, 0.143)
-    ssnr_half = ssnr_from_fsc(curve)
-    references = [(reconstruct(sums.data[h], sums.weight[h], box, ssnr=ssnr_half,
-                               complete_planes=False) * mask).astype(np.float32)
-                  for h in range(2)]
-    full = reconstruct(sums.data[0] + sums.data[1], sums.weight[0] + sums.weight[1], box,
-                       ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
+    references, per_class, resolutions = [], [], []
+    for k in range(n_classes):
+        a, b = 2 * k, 2 * k + 1
+        if sums.count[a] == 0 or sums.count[b] == 0:  # an empty class keeps its references
+            references += state.references[a:b + 1]
+            per_class.append(None)
+            resolutions.append(math.inf)
+            continue
+        halves = [reconstruct(sums.data[g], sums.weight[g], box, complete_planes=False)
+                  for g in (a, b)]
+        curve = fsc(halves[0] * mask, halves[1] * mask)
+        resolutions.append(resolution_at_threshold(curve, box, px, 0.143))
+        ssnr_half = ssnr_from_fsc(curve)
+        references += [(reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
+                                    complete_planes=False) * mask).astype(np.float32)
+                       for g in (a, b)]
+        full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
+                           ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
+        per_class.append((halves, curve, full))
+    resolution = min(resolutions)
     changed = (np.median(angular_distance_deg(rotation, state.rotation))
                if state.rotation is not None else 180.0)
-    improved = resolution < state.best_resolution_A * 0.99
+    class_changes = (float(np.mean(class_id != state.class_id))
+                     if class_id is not None and state.class_id is not None else 1.0)
+    improved = (resolution < state.best_resolution_A * 0.99
+                or (class_id is not None and class_changes > config.class_change_fraction))
     shell = box * px / resolution
     new = State(state.iteration + 1, references, sigma2_from_sums(noise_sums, noise_counts),
                 renormalise_scales(scale_est), rotation,
                 np.clip(origin, -max_shift_px, max_shift_px),
                 float(min(box / 2 - 1, shell + config.alignment_margin_shells)), resolution,
-                min(resolution, state.best_resolution_A), 0 if improved else state.stale + 1)
+                min(resolution, state.best_resolution_A), 0 if improved else state.stale + 1,
+                class_id)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "median_pose_change_deg": float(changed),
              "mean_evaluations": float(evals.mean()), "time_s": t_step,
              "particles_per_s": n / t_step, "arrays": {"error": error, "evaluations": evals}}
-    return new, halves, curve, full, stats
+    if class_id is not None:
+        stats.update(class_sizes=np.bincount(class_id, minlength=n_classes).tolist(),
+                     class_resolutions_A=resolutions, class_change_fraction=class_changes)
+    return new, per_class, stats
 
 
 def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> dict:
@@ -270,11 +339,11 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     """
     t_start = time.perf_counter()
     store = ParticleStore.open(config.store)
-    volume = _check_inputs(config, store)
+    volumes = _check_inputs(config, store)
     info = store.info
     box, px = info.box_size, info.pixel_size_A
     out = Path(config.out_dir)
-    cfg_dict = asdict(config)
+    cfg_dict = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
     with RunLock(out):
         done = check_resumable(out, cfg_dict, config.resume, RESUME_KEYS)
         write_json(out / "config.json", cfg_dict)
@@ -287,7 +356,7 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
             log(f"resuming after iteration {state.iteration} "
                 f"(resolution {state.resolution_A:.2f} Å)")
         else:
-            state = _initial_state(config, store, volume, meta, radius_px)
+            state = _initial_state(config, store, volumes, meta, radius_px)
         finished = state.iteration > 0 and (state.stale >= config.patience
                                             or state.iteration >= config.max_iterations)
 
@@ -295,16 +364,19 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
             nonlocal state
             while not (state.iteration >= config.max_iterations
                        or (state.iteration > 0 and state.stale >= config.patience)):
-                new, halves, curve, full, stats = _run_iteration(
+                new, per_class, stats = _run_iteration(
                     config, store, meta, groups, state, client, radius_px, max_shift_px, mask,
                     progress)
                 with IterationWriter(out, new.iteration) as folder:
-                    _save_state(folder, new, halves, curve, full, px, stats)
+                    _save_state(folder, new, per_class, px, stats)
                 log(f"iteration {new.iteration}: {new.resolution_A:.2f} Å, level "
                     f"{stats['level']}{' local' if stats['local'] else ''}, aligned to shell "
                     f"{stats['r_align_used']:.1f}, median pose change "
                     f"{stats['median_pose_change_deg']:.2f}°, "
-                    f"{stats['particles_per_s']:.0f} particles/s")
+                    f"{stats['particles_per_s']:.0f} particles/s"
+                    + (f", class sizes {stats['class_sizes']}, "
+                       f"{100 * stats['class_change_fraction']:.1f}% changed class"
+                       if "class_sizes" in stats else ""))
                 state = new
 
         if not finished:
@@ -317,21 +389,37 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     return summary
 
 
+def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
+    """Copy one class's final maps from the last iteration folder ``last`` into ``where`` and
+    write its (mask-corrected) FSC report; returns the report."""
+    px = info.pixel_size_A
+    for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
+        shutil.copyfile(last / name, where / f".{name}.tmp")
+        (where / f".{name}.tmp").replace(where / name)
+    halves = [read_map(where / f"half_{h}.mrc")[0] for h in HALVES]
+    mask = job_mask(config.masks, read_map(where / "map.mrc")[0], px)
+    if mask is not None:
+        write_map(where / "mask.mrc", mask, px)
+    else:
+        radius_px, _ = _geometry(config, info.box_size, px)
+        mask = soft_sphere_mask(info.box_size, radius_px,
+                                soft_edge_px=max(3.0, 0.05 * info.box_size))
+    return write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
+
+
 def _write_final_outputs(config, store, out: Path, state: State, elapsed: float) -> dict:
     info = store.info
     last = iteration_dir(out, state.iteration)
-    for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
-        shutil.copyfile(last / name, out / f".{name}.tmp")
-        (out / f".{name}.tmp").replace(out / name)
-    px = info.pixel_size_A
-    halves = [read_map(out / f"half_{h}.mrc")[0] for h in HALVES]
-    mask = job_mask(config.masks, read_map(out / "map.mrc")[0], px)
-    if mask is not None:
-        write_map(out / "mask.mrc", mask, px)
-    else:
-        radius_px, _ = _geometry(config, info.box_size, px)
-        mask = soft_sphere_mask(info.box_size, radius_px, soft_edge_px=max(3.0, 0.05 * info.box_size))
-    report = write_fsc_report(out, halves, mask, px, title="Gold-standard FSC")
+    k_total = state.n_classes
+    reports = {}
+    for k in range(k_total):
+        src = last if k_total == 1 else last / f"class_{k + 1:03d}"
+        if not (src / "map.mrc").exists():  # a class that ended empty
+            continue
+        dst = out if k_total == 1 else out / f"class_{k + 1:03d}"
+        dst.mkdir(exist_ok=True)
+        reports[k + 1] = _write_class_outputs(config, info, src, dst)
+    report = reports[min(reports, key=lambda k: reports[k]["resolution_A"])]
     rows = []
     for it in completed_iterations(out):
         js = read_state(out, it)
@@ -347,19 +435,45 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
         "particles_per_s": [r["particles_per_s"] for r in rows],
         "time_s": [r["time_s"] for r in rows],
     })
-    export_star(store, out / "particles.star",
-                poses={"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
-                       "scale": state.scale})
+    poses = {"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
+             "scale": state.scale}
+    if state.class_id is not None:
+        poses["class_id"] = state.class_id
+    export_star(store, out / "particles.star", poses=poses)
+    if state.class_id is not None:
+        _write_class_subsets(out / "particles.star", state.class_id, k_total)
     summary = {
-        "job": "refine", "resolution_A": report["resolution_A"],
+        "job": "refine" if k_total == 1 else "hetero-refine", "resolution_A": report["resolution_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
         "resolution_last_iteration_A": state.resolution_A, "iterations": state.iteration,
         "converged": state.stale >= config.patience, "n_particles": info.n_particles,
         "box_size": info.box_size, "pixel_size_A": info.pixel_size_A, "time_s": elapsed,
         "outputs": {k: str(out / v) for k, v in (
-            ("map", "map.mrc"), ("half_A", "half_A.mrc"), ("half_B", "half_B.mrc"),
-            ("fsc", "fsc.csv"), ("fsc_plot", "fsc.png"), ("iterations", "iterations.csv"),
-            ("particles", "particles.star"))},
+            (("map", "map.mrc"), ("half_A", "half_A.mrc"), ("half_B", "half_B.mrc"),
+             ("fsc", "fsc.csv"), ("fsc_plot", "fsc.png")) if k_total == 1 else ())
+            + (("iterations", "iterations.csv"), ("particles", "particles.star"))},
     }
+    if k_total > 1:
+        sizes = np.bincount(state.class_id, minlength=k_total)
+        summary["classes"] = {
+            k + 1: {"n_particles": int(sizes[k]),
+                    "resolution_A": reports[k + 1]["resolution_A"] if k + 1 in reports else None,
+                    "map": str(out / f"class_{k + 1:03d}" / "map.mrc")}
+            for k in range(k_total)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _write_class_subsets(star_path: Path, class_id: np.ndarray, n_classes: int) -> None:
+    """``particles_class_NNN.star`` beside ``particles.star``: each class's particles (RELION
+    3.1, same columns; beside it so that relative image paths stay valid)."""
+    import starfile
+
+    blocks = starfile.read(star_path, always_dict=True)
+    particles = blocks["particles"]
+    for k in range(n_classes):
+        name = f"particles_class_{k + 1:03d}.star"
+        subset = particles[class_id == k].reset_index(drop=True)
+        tmp = star_path.parent / f".{name}.tmp"
+        starfile.write({**blocks, "particles": subset}, tmp)
+        tmp.replace(star_path.parent / name)

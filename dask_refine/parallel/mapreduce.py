@@ -43,7 +43,8 @@ def _sum(*parts):
 
 def _refine_accumulate(state, images, meta, groups, n_groups, box_size, pad, settings, source,
                        first_index):
-    references, envelopes, noise_weight, params, pixel_size_A, scale_max_shell = settings
+    references, envelopes, noise_weight, params, pixel_size_A, scale_max_shell, *classes = settings
+    n_classes, soft = classes if classes else (1, False)
     if state is None:
         sums, results = FourierSums.zeros(n_groups, box_size, pad), []
     else:  # never mutate a task's input: a retried task must see it unchanged
@@ -51,7 +52,7 @@ def _refine_accumulate(state, images, meta, groups, n_groups, box_size, pad, set
     try:
         step = refine_particles(sums, np.asarray(images), meta, groups, references, envelopes,
                                 noise_weight, params, pixel_size_A, scale_max_shell,
-                                first_index)
+                                first_index, n_classes, soft)
     except ValueError as exc:
         raise InputError(f"{source}/images", f"{exc}; expected finite pixel values") from None
     results.append((first_index, step))
@@ -117,7 +118,7 @@ def refine_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int, set
     """Delayed graph of one refinement E-step over all chunks.
 
     ``settings`` = ``(references, envelopes, noise_weight, params, pixel_size_A,
-    scale_max_shell)``, ideally a Future scattered once to every worker (the references are large).
+    scale_max_shell[, n_classes, soft_classes])``, ideally a Future scattered once to every worker (the references are large).
     The result is ``(FourierSums, [(first_index, StepResult), …])``.
     """
     extra = (n_groups, images_dask.shape[-1], pad, settings, source)

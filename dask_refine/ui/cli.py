@@ -163,8 +163,10 @@ def _progress_bar(future) -> None:
 def cmd_refine(args) -> int:
     from ..jobs.refine import RefineConfig, run_refine
 
+    hetero = isinstance(args.initial, list)
     config = RefineConfig(
-        store=args.store, initial_map=args.initial, out_dir=args.out,
+        store=args.store, initial_map=tuple(args.initial) if hetero else args.initial,
+        out_dir=args.out, soft_classes=getattr(args, "soft", False),
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
@@ -177,6 +179,9 @@ def cmd_refine(args) -> int:
           f"{', mask-corrected' if config.masks.mask_path or config.masks.auto_mask else ''}) after "
           f"{summary['iterations']} iterations ({state}) in {summary['time_s']:.0f} s; "
           f"outputs in {args.out}")
+    for k, c in summary.get("classes", {}).items():
+        res = f"{c['resolution_A']:.2f} Å" if c["resolution_A"] else "empty"
+        print(f"class {k}: {c['n_particles']} particles, {res}, {c['map']}")
     return 0
 
 
@@ -244,31 +249,40 @@ def build_parser() -> argparse.ArgumentParser:
     from ..jobs.refine import RefineConfig
 
     d = RefineConfig(store="", initial_map="", out_dir="")
-    p = sub.add_parser("refine", help="Homogeneous Refinement (gold-standard, branch and bound)")
-    p.add_argument("store")
-    p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
-    p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
-    p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A,
-                   help="low-pass the initial map to this resolution (default: %(default)s Å)")
-    p.add_argument("--max-iterations", type=int, default=d.max_iterations,
-                   help="default: %(default)s")
-    p.add_argument("--mask-diameter-A", type=float,
-                   help="soft spherical mask diameter in Å (default: 80%% of the box)")
-    p.add_argument("--max-shift-A", type=float,
-                   help="half-extent of the shift search in Å (default: 10%% of the box)")
-    p.add_argument("--global-only", action="store_true",
-                   help="global pose search in every iteration (default: local searches after "
-                   f"{d.global_iterations} global iterations)")
-    p.add_argument("--symmetry", "--sym", default=d.symmetry,
-                   help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis conventions "
-                   "(default: %(default)s)")
-    p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
-    p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last finished iteration")
-    _mask_args(p)
-    _cluster_args(p)
-    p.set_defaults(func=cmd_refine)
+    for name in ("refine", "hetero-refine"):
+        hetero = name == "hetero-refine"
+        p = sub.add_parser(name, help="Heterogeneous Refinement (K classes, one initial map each)"
+                           if hetero else "Homogeneous Refinement (gold-standard, branch and bound)")
+        p.add_argument("store")
+        if hetero:
+            p.add_argument("--initial", required=True, nargs="+", metavar="MAP",
+                           help="one initial map per class (MRC; greyscales are normalised)")
+            p.add_argument("--soft", action="store_true",
+                           help="soft (posterior-weighted) class assignment (default: hard)")
+        else:
+            p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
+        p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
+        p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A,
+                       help="low-pass the initial map to this resolution (default: %(default)s Å)")
+        p.add_argument("--max-iterations", type=int, default=d.max_iterations,
+                       help="default: %(default)s")
+        p.add_argument("--mask-diameter-A", type=float,
+                       help="soft spherical mask diameter in Å (default: 80%% of the box)")
+        p.add_argument("--max-shift-A", type=float,
+                       help="half-extent of the shift search in Å (default: 10%% of the box)")
+        p.add_argument("--global-only", action="store_true",
+                       help="global pose search in every iteration (default: local searches "
+                       f"after {d.global_iterations} global iterations)")
+        p.add_argument("--symmetry", "--sym", default=d.symmetry,
+                       help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis "
+                       "conventions (default: %(default)s)")
+        p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+        p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last finished iteration")
+        _mask_args(p)
+        _cluster_args(p)
+        p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("reconstruct", help="Reconstruction Only: half maps, FSC, full map")
     p.add_argument("store")
