@@ -61,3 +61,50 @@ def test_two_class_mixture_is_separated(mixture):
         subset = starfile.read(root / "out" / f"particles_class_{k:03d}.star",
                                always_dict=True)["particles"]
         assert len(subset) == int((assigned == k - 1).sum())
+
+
+def test_class_posteriors_follow_the_likelihood():
+    from dask_refine.core.refine_step import class_posteriors
+
+    p = class_posteriors(np.array([[10.0, 10.0], [10.0, 12.0], [0.0, 100.0]]))
+    np.testing.assert_allclose(p[0], [0.5, 0.5])
+    np.testing.assert_allclose(p[1], [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert p[2, 1] < 1e-20
+
+
+def test_soft_and_hard_assignment_agree_when_classes_are_clear(mixture):
+    """Noise-free particles: posteriors are one-hot, so soft and hard backprojection match,
+    and each particle goes to the class it was made from."""
+    from dask_refine.core.backprojection import FourierSums
+    from dask_refine.core.noise import noise_weights
+    from dask_refine.core.pose_search import SearchParams, amplitude_envelope
+    from dask_refine.core.refine_step import refine_particles
+
+    root, map_a, map_b = mixture
+    store = ParticleStore.open(root / "p.zarr")
+    rows = np.r_[0:6, N - 6:N]
+    meta = {k: store.read_column(k)[rows] for k in (
+        "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "bfactor_A2",
+        "voltage_kV", "cs_mm", "amplitude_contrast")}
+    truth = {k: store.read_column(k, group=GROUND_TRUTH)[rows]
+             for k in ("rotation", "shift_A", "scale")}
+    px = read_map(root / "a.mrc")[1]
+    refs = [prepare_reference_rfft(m) for m in (map_a, map_a, map_b, map_b)]
+    images = np.concatenate([render_particles(refs[0], meta, truth, slice(0, 6), 32, px),
+                             render_particles(refs[2], meta, truth, slice(6, 12), 32, px)])
+    meta.update(scale=truth["scale"], origin_px=truth["shift_A"] / px,
+                rotation=truth["rotation"])
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2)
+    envelopes = [amplitude_envelope(r, 32) for r in refs]
+    out = {}
+    for soft in (False, True):
+        sums = FourierSums.zeros(4, 32)
+        step = refine_particles(sums, images, meta, np.zeros(12, int), refs, envelopes,
+                                noise_weights(np.ones(17), 32), params, px, 8.0, n_classes=2,
+                                soft_classes=soft)
+        out[soft] = (sums, step)
+    np.testing.assert_array_equal(out[False][1].class_id, np.r_[np.zeros(6), np.ones(6)])
+    assert out[True][1].class_weight.max(axis=1).min() > 0.999
+    np.testing.assert_allclose(out[True][0].weight, out[False][0].weight, rtol=1e-3, atol=1e-3)
