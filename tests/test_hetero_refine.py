@@ -53,6 +53,8 @@ def test_two_class_mixture_is_separated(mixture):
     assigned = star["rlnClassNumber"].to_numpy() - 1
     assert np.mean(assigned == truth) >= 0.95
     assert {1, 2} <= set(summary["classes"])
+    header = (root / "out" / "iterations.csv").read_text().splitlines()[0]
+    assert "class_1_particles" in header and "class_change_fraction" in header
     for k, m in ((1, map_a), (2, map_b)):
         got = read_map(root / "out" / f"class_{k:03d}" / "map.mrc")[0]
         other = map_b if k == 1 else map_a

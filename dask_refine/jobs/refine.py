@@ -30,6 +30,7 @@ from ..core.fsc import fsc, resolution_at_threshold, shell_resolution_A, ssnr_fr
 from ..core.masks import soft_sphere_mask
 from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_scales,
                           shell_mean, sigma2_from_sums)
+from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
 from ..core.pose_search import SearchParams, amplitude_envelope
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
@@ -47,7 +48,7 @@ from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_it
                          iteration_dir, read_state)
 
 HALVES = ("A", "B")
-RESUME_KEYS = ("store", "initial_map", "soft_classes", "initial_lowpass_A", "mask_diameter_A", "max_shift_A",
+RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A", "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "local_search", "global_iterations",
                "use_ctf", "pad", "alignment_margin_shells", "symmetry")
 
@@ -68,6 +69,11 @@ class RefineConfig:
     assigned to its best (``soft_classes``: backprojected into each with its posterior
     probability). Iterations stop when, besides the resolution, fewer than
     ``class_change_fraction`` of the particles change class.
+
+    Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
+    locally, per voxel, to the cutoff that best predicts the other half map
+    (:mod:`..core.nonuniform`); the final outputs add ``map_nu.mrc`` and
+    ``local_resolution.mrc``.
     """
 
     store: str
@@ -75,6 +81,7 @@ class RefineConfig:
     out_dir: str
     soft_classes: bool = False
     class_change_fraction: float = 0.01
+    non_uniform: bool = False
     initial_lowpass_A: float = 30.0
     max_iterations: int = 15
     patience: int = 2
@@ -302,9 +309,12 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         curve = fsc(halves[0] * mask, halves[1] * mask)
         resolutions.append(resolution_at_threshold(curve, box, px, 0.143))
         ssnr_half = ssnr_from_fsc(curve)
-        references += [(reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
-                                    complete_planes=False) * mask).astype(np.float32)
-                       for g in (a, b)]
+        refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
+                            complete_planes=False) for g in (a, b)]
+        if config.non_uniform:
+            choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, mask=mask)
+            refs = [apply_local_filter(r, choice, cutoffs, px) for r in refs]
+        references += [(r * mask).astype(np.float32) for r in refs]
         full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
                            ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
         per_class.append((halves, curve, full))
@@ -404,6 +414,11 @@ def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
         radius_px, _ = _geometry(config, info.box_size, px)
         mask = soft_sphere_mask(info.box_size, radius_px,
                                 soft_edge_px=max(3.0, 0.05 * info.box_size))
+    if config.non_uniform:
+        choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, mask=mask)
+        write_map(where / "map_nu.mrc",
+                  apply_local_filter(read_map(where / "map.mrc")[0], choice, cutoffs, px), px)
+        write_map(where / "local_resolution.mrc", local_resolution_map(choice, cutoffs), px)
     return write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
 
 
@@ -424,6 +439,12 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
     for it in completed_iterations(out):
         js = read_state(out, it)
         rows.append(js)
+    per_class = {}
+    for k in range(k_total if k_total > 1 else 0):
+        per_class[f"class_{k + 1}_particles"] = [r["class_sizes"][k] for r in rows]
+        per_class[f"class_{k + 1}_resolution_A"] = [r["class_resolutions_A"][k] for r in rows]
+    if per_class:
+        per_class["class_change_fraction"] = [r["class_change_fraction"] for r in rows]
     write_csv(out / "iterations.csv", {
         "iteration": [r["iteration"] for r in rows],
         "resolution_A": [r["resolution_A"] for r in rows],
@@ -434,6 +455,7 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
         "mean_pose_evaluations": [r["mean_evaluations"] for r in rows],
         "particles_per_s": [r["particles_per_s"] for r in rows],
         "time_s": [r["time_s"] for r in rows],
+        **per_class,
     })
     poses = {"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
              "scale": state.scale}

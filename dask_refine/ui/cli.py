@@ -167,6 +167,7 @@ def cmd_refine(args) -> int:
     config = RefineConfig(
         store=args.store, initial_map=tuple(args.initial) if hetero else args.initial,
         out_dir=args.out, soft_classes=getattr(args, "soft", False),
+        non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
@@ -273,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--global-only", action="store_true",
                        help="global pose search in every iteration (default: local searches "
                        f"after {d.global_iterations} global iterations)")
+        p.add_argument("--non-uniform", action="store_true",
+                       help="Non-Uniform Refinement: adaptive local filtering of the references "
+                       "by cross-validation between half maps; also writes map_nu.mrc and "
+                       "local_resolution.mrc")
         p.add_argument("--symmetry", "--sym", default=d.symmetry,
                        help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis "
                        "conventions (default: %(default)s)")
