@@ -34,7 +34,7 @@ def fsc_truth(path, truth, px, threshold=0.5):
     return resolution_at_threshold(fsc(volume, truth), truth.shape[0], px, threshold)
 
 
-def run_ours(store_path, initial, out, n_workers, max_iterations):
+def run_ours(store_path, initial, out, n_workers, max_iterations, **options):
     from distributed import Client, LocalCluster
 
     from dask_refine.jobs.refine import RefineConfig, run_refine
@@ -44,7 +44,8 @@ def run_ours(store_path, initial, out, n_workers, max_iterations):
         client.run(lambda: __import__("dask_refine.core._numba_kernels"))  # JIT cache warm
         t0 = time.perf_counter()
         summary = run_refine(RefineConfig(store=str(store_path), initial_map=str(initial),
-                                          out_dir=str(out), max_iterations=max_iterations),
+                                          out_dir=str(out), max_iterations=max_iterations,
+                                          **options),
                              client=client, log=print)
         summary["wall_s"] = time.perf_counter() - t0
     return summary
