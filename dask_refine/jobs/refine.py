@@ -312,7 +312,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
                             complete_planes=False) for g in (a, b)]
         if config.non_uniform:
-            choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, mask=mask)
+            choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolutions[-1],
+                                                  mask=mask)
             refs = [apply_local_filter(r, choice, cutoffs, px) for r in refs]
         references += [(r * mask).astype(np.float32) for r in refs]
         full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
@@ -415,7 +416,9 @@ def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
         mask = soft_sphere_mask(info.box_size, radius_px,
                                 soft_edge_px=max(3.0, 0.05 * info.box_size))
     if config.non_uniform:
-        choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, mask=mask)
+        resolution = resolution_at_threshold(fsc(halves[0] * mask, halves[1] * mask),
+                                             info.box_size, px, 0.143)
+        choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolution, mask=mask)
         write_map(where / "map_nu.mrc",
                   apply_local_filter(read_map(where / "map.mrc")[0], choice, cutoffs, px), px)
         write_map(where / "local_resolution.mrc", local_resolution_map(choice, cutoffs), px)
