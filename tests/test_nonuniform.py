@@ -102,7 +102,6 @@ def test_non_uniform_refinement_writes_nu_map_and_local_resolution(tmp_path, dem
     assert (tmp_path / "nu" / "map_nu.mrc").exists()
 
 
-@pytest.mark.slow  # two refinements, ~2 minutes on 2 cores
 def test_non_uniform_beats_homogeneous_on_a_flexible_domain(tmp_path, demo_map):
     from dask_refine.io.mrc import read_map
     from dask_refine.jobs.refine import RefineConfig, run_refine
