@@ -1,7 +1,6 @@
 """Non-uniform (adaptive local) regularisation."""
 
 import numpy as np
-import pytest
 
 from dask_refine.core.filters import apply_shell_filter, lowpass_filter
 from dask_refine.core.fsc import fsc
