@@ -36,27 +36,14 @@ MAP = HERE.parent / "dask_refine" / "data" / "1tii_64_2.0.mrc"
 
 def mixture(work: Path, n: int, snr: float, second):
     """Store of ``n`` particles: first half from the map, second half from ``second(map)``."""
-    from dask_refine.core.projection import prepare_reference_rfft
     from dask_refine.io.mrc import read_map, write_map
-    from dask_refine.io.simulate import SimulationConfig, render_particles, simulate_store
-    from dask_refine.io.store import GROUND_TRUTH, ParticleStore
+    from dask_refine.io.simulate import SimulationConfig, resimulate_rows, simulate_store
 
     a, px = read_map(MAP)
     b = second(a)
-    box = a.shape[0]
-    simulate_store(a, px, work / "particles.zarr",
-                   SimulationConfig(n_particles=n, snr=snr, chunk_size=250, seed=7))
-    store = ParticleStore.open(work / "particles.zarr", mode="r+")
-    sigma = store.attrs["provenance"]["noise_sigma"]
-    meta = store.metadata(["defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
-                           "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast"])
-    truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
-    rng = np.random.default_rng(8)
-    ref_b = prepare_reference_rfft(b)
-    for start in range(n // 2, n, 250):
-        rows = slice(start, min(start + 250, n))
-        img = render_particles(ref_b, meta, truth, rows, box, px)
-        store.write_images(start, (img + sigma * rng.standard_normal(img.shape)) / sigma)
+    store = simulate_store(a, px, work / "particles.zarr",
+                           SimulationConfig(n_particles=n, snr=snr, chunk_size=250, seed=7))
+    resimulate_rows(work / "particles.zarr", b, slice(n // 2, n), seed=8)
     write_map(work / "map_a.mrc", a, px)
     write_map(work / "map_b.mrc", b, px)
     labels = np.r_[np.zeros(n // 2, int), np.ones(n - n // 2, int)]

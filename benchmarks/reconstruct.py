@@ -390,23 +390,23 @@ def run_case(box: int, n: int, args, client, relion: Relion) -> dict:
         ours_u, rel = maps["ours_unregularised"], maps["relion"]
         lp = box / 2 - 1
         ours_t = maps["ours_unregularised_lt_nyquist"] * relion_mask
+
+        def steps_vs(peer):
+            """Correlations of our unregularised map with ``peer`` after each RELION step."""
+            return {
+                "raw": corrs(ours_u, peer),
+                "ours x RELION corner mask (r=D/2, 3 px edge)": corrs(ours_u * relion_mask, peer),
+                "ours |k|<D/2 only, x corner mask (RELION's steps)": corrs(ours_t, peer),
+                f"+ both low-passed |k| < {lp:g} px": corrs(
+                    lowpass_hard(ours_u * relion_mask, lp), lowpass_hard(peer, lp)),
+            }
+
         diag["ours_unregularised_vs_relion"] = {
-            "raw": corrs(ours_u, rel),
-            "ours x RELION corner mask (r=D/2, 3 px edge)": corrs(ours_u * relion_mask, rel),
-            "ours |k|<D/2 only, x corner mask (RELION's steps)": corrs(ours_t, rel),
-            f"+ both low-passed |k| < {lp:g} px": corrs(
-                lowpass_hard(ours_u * relion_mask, lp), lowpass_hard(rel, lp)),
-            "fsc_per_shell": fsc(ours_u, rel).round(4).tolist(),
-        }
+            **steps_vs(rel), "fsc_per_shell": fsc(ours_u, rel).round(4).tolist()}
         if "relion_skip_gridding" in maps:
             rs = maps["relion_skip_gridding"]
             diag["ours_unregularised_vs_relion_skip_gridding"] = {
-                "raw": corrs(ours_u, rs),
-                "ours x RELION corner mask": corrs(ours_u * relion_mask, rs),
-                "ours |k|<D/2 only, x corner mask (RELION's steps)": corrs(ours_t, rs),
-                f"+ both low-passed |k| < {lp:g} px": corrs(
-                    lowpass_hard(ours_u * relion_mask, lp), lowpass_hard(rs, lp)),
-                "fsc_truth_05_A": res(rs)}
+                **steps_vs(rs), "fsc_truth_05_A": res(rs)}
         diag["fsc_truth_05_A_ours_unregularised_x_corner_mask"] = res(ours_u * relion_mask)
         diag["fsc_truth_05_A_ours_unregularised_lt_nyquist_x_corner_mask"] = res(ours_t)
         diag["fsc_truth_05_A_ours_map_x_corner_mask"] = res(maps["ours_map"] * relion_mask)

@@ -77,28 +77,25 @@ edits = st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_siz
 cuts = st.none() | st.integers(0, 2_000)
 
 
-@FUZZ
-@given(edits=edits, cut=cuts)
-def test_fuzzed_mrc_map(seeds, edits, cut):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.mrc"
-        path.write_bytes(_mutate((seeds / "map.mrc").read_bytes(), edits, cut))
-        try:
-            volume, px = read_map(path)
-        except InputError:
-            return
-        assert volume.ndim == 3 and np.isfinite(volume).all() and px > 0
+def _read_map(path):
+    volume, px = read_map(path)
+    assert volume.ndim == 3 and np.isfinite(volume).all() and px > 0
 
 
+def _read_stack(path):
+    with StackReader(path) as reader:
+        reader.read(np.arange(min(reader.n_images, 2)))
+
+
+@pytest.mark.parametrize("seed_name, read", [("map.mrc", _read_map), ("parts.mrcs", _read_stack)])
 @FUZZ
 @given(edits=edits, cut=cuts)
-def test_fuzzed_mrc_stack(seeds, edits, cut):
+def test_fuzzed_mrc(seeds, seed_name, read, edits, cut):
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "s.mrcs"
-        path.write_bytes(_mutate((seeds / "parts.mrcs").read_bytes(), edits, cut))
+        path = Path(tmp) / seed_name
+        path.write_bytes(_mutate((seeds / seed_name).read_bytes(), edits, cut))
         try:
-            with StackReader(path) as reader:
-                reader.read(np.arange(min(reader.n_images, 2)))
+            read(path)
         except InputError:
             return
 

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import starfile
 
-from dask_refine.core.fourier import centred_fftn, centred_ifftn, crop_centred
 from dask_refine.core.fsc import fsc
 from dask_refine.core.projection import prepare_reference_rfft
 from dask_refine.io.mrc import read_map, write_map
-from dask_refine.io.simulate import SimulationConfig, render_particles, simulate_store
-from dask_refine.io.store import GROUND_TRUTH, ParticleStore
+from dask_refine.io.simulate import (SimulationConfig, render_particles, resimulate_rows,
+                                     simulate_store)
+from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH, ParticleStore
 from dask_refine.jobs.refine import RefineConfig, run_refine
+from helpers import downsample_to_32
 
 N = 240
 
@@ -20,23 +21,14 @@ def mixture(tmp_path_factory, demo_map):
     """Box 32: class 1 = the structure, class 2 = the same with a third of it removed; the
     second half of the store holds class-2 particles (same noise level)."""
     volume, px = demo_map
-    f = crop_centred(centred_fftn(volume.astype(np.float64), 3), 32, 3)
-    map_a = (centred_ifftn(f, 3).real / 8).astype(np.float32)
+    map_a = downsample_to_32(volume)
     map_b = map_a.copy()
     map_b[:, :, 19:] = 0.0  # x > centre + 3 px removed
     px = 2 * px
     root = tmp_path_factory.mktemp("hetero_refine")
     cfg = SimulationConfig(n_particles=N, snr=0.5, chunk_size=60, seed=21)
-    store = simulate_store(map_a, px, root / "p.zarr", cfg)
-    store = ParticleStore.open(root / "p.zarr", mode="r+")
-    sigma = store.attrs["provenance"]["noise_sigma"]
-    meta = store.metadata(["defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
-                           "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast"])
-    truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
-    second = slice(N // 2, N)
-    images = render_particles(prepare_reference_rfft(map_b), meta, truth, second, 32, px)
-    rng = np.random.default_rng(5)
-    store.write_images(N // 2, (images + sigma * rng.standard_normal(images.shape)) / sigma)
+    simulate_store(map_a, px, root / "p.zarr", cfg)
+    resimulate_rows(root / "p.zarr", map_b, slice(N // 2, N), seed=5)
     for name, m in (("a.mrc", map_a), ("b.mrc", map_b)):
         write_map(root / name, m, px)
     return root, map_a, map_b
@@ -86,9 +78,7 @@ def test_soft_and_hard_assignment_agree_when_classes_are_clear(mixture):
     root, map_a, map_b = mixture
     store = ParticleStore.open(root / "p.zarr")
     rows = np.r_[0:6, N - 6:N]
-    meta = {k: store.read_column(k)[rows] for k in (
-        "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "bfactor_A2",
-        "voltage_kV", "cs_mm", "amplitude_contrast")}
+    meta = {k: store.read_column(k)[rows] for k in CTF_COLUMNS}
     truth = {k: store.read_column(k, group=GROUND_TRUTH)[rows]
              for k in ("rotation", "shift_A", "scale")}
     px = read_map(root / "a.mrc")[1]

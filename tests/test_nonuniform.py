@@ -60,28 +60,18 @@ def test_candidate_cutoffs():
 def _flexible_store(root, demo_map, n=300):
     """Box 32 (4 Å/px): half the particles carry a rigid copy of the structure, half have its
     x > centre part shifted by 2 px (a flexible domain). Consensus truth: the average."""
-    from dask_refine.core.fourier import centred_fftn, centred_ifftn, crop_centred
-    from dask_refine.core.projection import prepare_reference_rfft
     from dask_refine.io.mrc import write_map
-    from dask_refine.io.simulate import SimulationConfig, render_particles, simulate_store
-    from dask_refine.io.store import GROUND_TRUTH, ParticleStore
+    from dask_refine.io.simulate import SimulationConfig, resimulate_rows, simulate_store
+    from helpers import downsample_to_32
 
     volume, px = demo_map
-    f = crop_centred(centred_fftn(volume.astype(np.float64), 3), 32, 3)
-    rigid = (centred_ifftn(f, 3).real / 8).astype(np.float32)
+    rigid = downsample_to_32(volume)
     moved = rigid.copy()
     moved[:, :, 18:] = np.roll(rigid, 2, axis=1)[:, :, 18:]
     px = 2 * px
     simulate_store(rigid, px, root / "p.zarr",
                    SimulationConfig(n_particles=n, snr=1.0, chunk_size=100, seed=31))
-    store = ParticleStore.open(root / "p.zarr", mode="r+")
-    sigma = store.attrs["provenance"]["noise_sigma"]
-    meta = store.metadata(["defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
-                           "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast"])
-    truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
-    images = render_particles(prepare_reference_rfft(moved), meta, truth, slice(n // 2, n), 32, px)
-    noise = np.random.default_rng(3).standard_normal(images.shape)
-    store.write_images(n // 2, (images + sigma * noise) / sigma)
+    resimulate_rows(root / "p.zarr", moved, slice(n // 2, n), seed=3)
     write_map(root / "initial.mrc", rigid, px)
     return (rigid + moved) / 2, px
 

@@ -12,8 +12,6 @@ import pytest
 import starfile
 from distributed import Client, LocalCluster
 
-from dask_refine.core.backprojection import FourierSums, backproject_particles
-from dask_refine.core.fourier import centred_fftn, centred_ifftn, crop_centred
 from dask_refine.core.fsc import fsc, resolution_at_threshold
 from dask_refine.core.rotations import angular_distance_deg
 from dask_refine.io.mrc import read_map, write_map
@@ -21,6 +19,7 @@ from dask_refine.io.simulate import SimulationConfig, simulate_store
 from dask_refine.io.store import GROUND_TRUTH
 from dask_refine.jobs.reconstruct import reconstruct_halves_and_full
 from dask_refine.jobs.refine import RefineConfig, run_refine
+from helpers import downsample_to_32, true_pose_sums
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +30,7 @@ def client():
 
 
 def _true_pose_map(store, px):
-    meta = store.metadata(["half_set", "defocus_u_A", "defocus_v_A", "defocus_angle_deg",
-                           "phase_shift_deg", "bfactor_A2", "voltage_kV", "cs_mm",
-                           "amplitude_contrast"])
-    for k in ("rotation", "shift_A", "scale"):
-        meta[k] = store.read_column(k, group=GROUND_TRUTH)
-    box = store.info.box_size
-    sums = backproject_particles(FourierSums.zeros(2, box), store.images[:], meta,
-                                 meta["half_set"], px)
-    return reconstruct_halves_and_full(sums, box, px)[2]
+    return reconstruct_halves_and_full(true_pose_sums(store, px), store.info.box_size, px)[2]
 
 
 def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
@@ -68,8 +59,7 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
 def small_dataset(tmp_path_factory, demo_map):
     volume, px = demo_map
     root = tmp_path_factory.mktemp("resume")
-    f = crop_centred(centred_fftn(volume.astype(np.float64), 3), 32, 3)
-    small = (centred_ifftn(f, 3).real / 8).astype(np.float32)
+    small = downsample_to_32(volume)
     write_map(root / "initial.mrc", small, 2 * px)
     store = simulate_store(small, 2 * px, root / "p.zarr",
                            SimulationConfig(n_particles=160, snr=1.0, chunk_size=40, seed=8))

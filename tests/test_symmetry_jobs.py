@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from dask_refine.core.backprojection import FourierSums, backproject_particles
-from dask_refine.core.fourier import centred_fftn, centred_ifftn, centred_rfftn, crop_centred
+from dask_refine.core.fourier import centred_rfftn
 from dask_refine.core.fsc import fsc
 from dask_refine.core.masks import soft_sphere_mask
 from dask_refine.core.noise import noise_weights
@@ -15,9 +14,9 @@ from dask_refine.core.symmetry import expand_poses, symmetry_operators
 from dask_refine.core import so3_grid
 from dask_refine.io.mrc import read_map, write_map
 from dask_refine.io.simulate import SimulationConfig, simulate_store
-from dask_refine.io.store import GROUND_TRUTH
 from dask_refine.jobs.reconstruct import reconstruct_halves_and_full
 from dask_refine.jobs.refine import RefineConfig, run_refine
+from helpers import downsample_to_32, true_pose_sums
 
 
 def c4_map(volume):
@@ -35,19 +34,7 @@ def c4_map(volume):
 @pytest.fixture(scope="module")
 def symmetric_32(demo_map):
     volume, px = demo_map
-    f = crop_centred(centred_fftn(volume.astype(np.float64), 3), 32, 3)
-    small = (centred_ifftn(f, 3).real / 8).astype(np.float32)
-    return c4_map(small), 2 * px
-
-
-def _true_sums(store, px):
-    meta = store.metadata(["half_set", "defocus_u_A", "defocus_v_A", "defocus_angle_deg",
-                           "phase_shift_deg", "bfactor_A2", "voltage_kV", "cs_mm",
-                           "amplitude_contrast"])
-    for k in ("rotation", "shift_A", "scale"):
-        meta[k] = store.read_column(k, group=GROUND_TRUTH)
-    return backproject_particles(FourierSums.zeros(2, store.info.box_size), store.images[:], meta,
-                                 meta["half_set"], px)
+    return c4_map(downsample_to_32(volume)), 2 * px
 
 
 def test_c4_map_is_symmetric_under_our_c4_group(symmetric_32):
@@ -68,7 +55,7 @@ def test_symmetric_reconstruction_matches_c1_and_is_better(symmetric_32, tmp_pat
     volume, px = symmetric_32
     store = simulate_store(volume, px, tmp_path / "p.zarr",
                            SimulationConfig(n_particles=400, snr=0.3, chunk_size=200, seed=3))
-    sums = _true_sums(store, px)
+    sums = true_pose_sums(store, px)
     _, curve_c1, full_c1 = reconstruct_halves_and_full(sums, 32, px)
     _, curve_c4, full_c4 = reconstruct_halves_and_full(sums, 32, px, symmetry="C4")
     # same map within noise, and 4× the data per asymmetric unit: a better half-map FSC and

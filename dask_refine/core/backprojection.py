@@ -83,8 +83,9 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     optional ``scale (N,)`` and the CTF columns; ``groups``: ``(N,)`` int group of each particle.
     Soft classes: with a ``class_weight (N, K)`` column (posterior probabilities), ``groups`` is
     the half set and particle ``i`` goes into every group ``k·2 + half`` with its data and
-    weights multiplied by ``class_weight[i, k]`` (zero weights are skipped). Raises ``ValueError`` naming the first particle (0-based index ``first_index + i``) whose
-    pixels are not finite.
+    weights multiplied by ``class_weight[i, k]`` (zero weights are skipped). Raises
+    ``ValueError`` naming the first particle (0-based index ``first_index + i``) whose pixels
+    are not finite.
     """
     xp = array_module(images)
     n, box = images.shape[0], images.shape[-1]

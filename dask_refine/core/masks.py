@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 
 
 def soft_sphere_mask(box_size: int, radius_px: float, soft_edge_px: float = 5.0, ndim: int = 3,
@@ -44,8 +44,6 @@ def solvent_mask(volume, threshold: float, extend_px: float = 3.0, soft_edge_px:
     Returns float32 ``(D, D, D)`` in [0, 1]. CPU (SciPy distance transform).
     """
     from scipy import ndimage
-
-    from .backend import to_numpy
 
     core = to_numpy(volume) > threshold
     if not core.any():

@@ -1,16 +1,17 @@
 """Non-uniform (adaptive local) regularisation: Punjani, Zhang & Fleet, Nat. Methods 2020.
 
 Per voxel, pick the low-pass cutoff that best predicts the *other* half map, by local
-cross-validation in a window that scales with the cutoff:
+cross-validation in a window that scales with the global resolution:
 
     CV_c(x) = W * [ (L_c A − B)² + (L_c B − A)² ](x)
 
 ``L_c`` is a low-pass to resolution ``c`` Å and ``W`` a box average ``window_factor · res / px``
 voxels wide (at least 5), ``res`` the current global resolution: the window scales with the
-resolution but is the same for every candidate, so their errors compare like with like (a window
-that grew with each candidate's own cutoff favoured the coarsest cutoffs: on the benchmark's
-flexible-domain case it gave a mean FSC to the consensus of 0.34 against 0.71 for a fixed one). Since ``E (L_c A − B)² = E (L_c A − S)² + σ_B²`` and σ_B does not depend
-on ``c``, the minimiser over ``c`` is the cutoff that brings half A closest to the signal near
+resolution but is the same for every candidate, so their errors compare like with like (a
+window that grew with each candidate's own cutoff favoured the coarsest cutoffs: on the
+benchmark's flexible-domain case it gave a mean FSC to the consensus of 0.34 against 0.71 for a
+fixed one). Since ``E (L_c A − B)² = E (L_c A − S)² + σ_B²`` and σ_B does not depend on
+``c``, the minimiser over ``c`` is the cutoff that brings half A closest to the signal near
 ``x``: well-ordered regions keep high frequencies, flexible or disordered ones get a stronger
 filter. The chosen cutoff per voxel is the local resolution map; the filtered map takes, at each
 voxel, the value of the map low-passed to that voxel's cutoff. Pure NumPy/SciPy.

@@ -111,7 +111,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
             mine = np.flatnonzero(w_k > 1e-3)
             if mine.size == 0:
                 continue
-            at_k = translate_rfft(x[sel][mine], found[k].origin_px[mine])
+            # hard assignment: the particle's best pose is class k's, already centred above
+            at_k = (translate_rfft(x[sel][mine], found[k].origin_px[mine]) if soft_classes
+                    else centred[mine])
             wk = w_k[mine].reshape(-1, 1, 1).astype(np.float32)
             insert_central_slices_rfft((at_k * weight[mine] * wk).astype(np.complex64),
                                        weight[mine] * weight[mine] * wk,

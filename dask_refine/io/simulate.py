@@ -132,3 +132,35 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
         if progress is not None:
             progress(rows.stop, n)
     return store
+
+
+def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0) -> ParticleStore:
+    """Re-render particles ``rows`` of a simulated store from another map, with the same truth,
+    CTFs and noise level (heterogeneous data: e.g. a second conformation or class). The store's
+    provenance records which rows came from which map. Returns the store."""
+    store = ParticleStore.open(store_path, mode="r+")
+    attrs = store.attrs
+    provenance = dict(attrs.get("provenance", {}))
+    if "noise_sigma" not in provenance:
+        raise ValueError(f"{store_path}: not a simulated store (no noise level recorded)")
+    info = store.info
+    sim = provenance.get("simulation", {})
+    use_ctf = bool(sim.get("ctf", True))
+    sigma = float(provenance["noise_sigma"])
+    meta = store.metadata(list(CTF_COLUMNS))
+    truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
+    reference = prepare_reference_rfft(np.asarray(volume, np.float32),
+                                       int(sim.get("pad", DEFAULT_PAD)))
+    start, stop, _ = rows.indices(info.n_particles)
+    rng = np.random.default_rng([seed, 3])
+    step = max(1, int(store.images.chunks[0]))
+    for first in range(start, stop, step):
+        block = slice(first, min(first + step, stop))
+        images = render_particles(reference, meta, truth, block, info.box_size,
+                                  info.pixel_size_A, use_ctf)
+        if math.isfinite(sim.get("snr", math.inf)):
+            images = (images + sigma * rng.standard_normal(images.shape, dtype=np.float32)) / sigma
+        store.write_images(first, images)
+    provenance.setdefault("resimulated_rows", []).append([start, stop])
+    store.group.attrs["provenance"] = provenance
+    return store

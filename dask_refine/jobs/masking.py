@@ -17,7 +17,7 @@ from ..core.fsc import mask_corrected_fsc, resolution_at_threshold, shell_resolu
 from ..core.masks import solvent_mask
 from ..io.errors import InputError
 from ..io.figures import write_fsc_png
-from ..io.mrc import read_map
+from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv
 
 
@@ -63,6 +63,16 @@ def job_mask(options: MaskOptions, full_map, pixel_size_A: float) -> np.ndarray 
         return solvent_mask(smooth, options.auto_mask_threshold * float(smooth.max()),
                             options.auto_mask_extend_px, options.auto_mask_soft_edge_px)
     return None
+
+
+def final_mask(options: MaskOptions, full_map, pixel_size_A: float, out_dir, fallback=None):
+    """The mask for a class's final FSC: the user's or an automatic one (also written to
+    ``out_dir/mask.mrc``), else ``fallback`` (the job's soft sphere, or None)."""
+    mask = job_mask(options, full_map, pixel_size_A)
+    if mask is None:
+        return fallback
+    write_map(Path(out_dir) / "mask.mrc", mask, pixel_size_A)
+    return mask
 
 
 def write_fsc_report(out_dir, halves, mask, pixel_size_A: float, title: str = "") -> dict:

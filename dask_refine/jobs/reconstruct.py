@@ -25,7 +25,7 @@ from ..io.outputs import write_json
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.mapreduce import backproject_graph
-from .masking import MaskOptions, job_mask, read_user_mask, write_fsc_report
+from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 
 HALF_NAMES = ("A", "B")
 
@@ -149,12 +149,7 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
     for name, vol in zip(HALF_NAMES, halves):
         write_map(out / f"half_{name}.mrc", vol, px)
     write_map(out / "map.mrc", full, px)
-    final_mask = job_mask(config.masks, full, px)
-    if final_mask is not None:
-        write_map(out / "mask.mrc", final_mask, px)
-    else:
-        final_mask = mask
-    report = write_fsc_report(out, halves, final_mask, px)
+    report = write_fsc_report(out, halves, final_mask(config.masks, full, px, out, mask), px)
     return {
         "resolution_A": report["resolution_A"],
         "resolution_fsc05_A": report["resolution_fsc05_A"],

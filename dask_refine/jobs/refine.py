@@ -42,13 +42,14 @@ from ..io.star import export_star
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.mapreduce import refine_graph
-from .masking import MaskOptions, job_mask, read_user_mask, write_fsc_report
+from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
 from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_iterations,
                          iteration_dir, read_state)
 
 HALVES = ("A", "B")
-RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A", "mask_diameter_A", "max_shift_A",
+RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
+               "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "local_search", "global_iterations",
                "use_ctf", "pad", "alignment_margin_shells", "symmetry")
 
@@ -154,6 +155,12 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
     return volumes
 
 
+def _particle_mask(config: RefineConfig, box: int, px: float) -> np.ndarray:
+    """The soft spherical mask of ``mask_diameter_A`` used for references and FSCs."""
+    radius_px, _ = _geometry(config, box, px)
+    return soft_sphere_mask(box, radius_px, soft_edge_px=max(3.0, 0.05 * box))
+
+
 def _geometry(config: RefineConfig, box: int, px: float):
     mask_diameter_A = config.mask_diameter_A or 0.8 * box * px
     radius_px = 0.5 * mask_diameter_A / px
@@ -165,7 +172,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     info = store.info
     box, px = info.box_size, info.pixel_size_A
     n = info.n_particles
-    mask = soft_sphere_mask(box, radius_px, soft_edge_px=max(3.0, 0.05 * box))
+    mask = _particle_mask(config, box, px)
     # greyscale and first noise model from a sample of particles (every k-th particle)
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(int))
     images = np.asarray(store.images.get_orthogonal_selection((rows, slice(None), slice(None))))
@@ -361,7 +368,7 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
         meta = store.metadata(["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else []))
         groups = meta["half_set"].astype(np.int64)
         radius_px, max_shift_px = _geometry(config, box, px)
-        mask = soft_sphere_mask(box, radius_px, soft_edge_px=max(3.0, 0.05 * box))
+        mask = _particle_mask(config, box, px)
         if done:
             state = _load_state(out, done[-1])
             log(f"resuming after iteration {state.iteration} "
@@ -402,27 +409,22 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
 
 def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
     """Copy one class's final maps from the last iteration folder ``last`` into ``where`` and
-    write its (mask-corrected) FSC report; returns the report."""
+    write its (mask-corrected) FSC report, plus the NU map when asked; returns the report."""
     px = info.pixel_size_A
     for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
         shutil.copyfile(last / name, where / f".{name}.tmp")
         (where / f".{name}.tmp").replace(where / name)
     halves = [read_map(where / f"half_{h}.mrc")[0] for h in HALVES]
-    mask = job_mask(config.masks, read_map(where / "map.mrc")[0], px)
-    if mask is not None:
-        write_map(where / "mask.mrc", mask, px)
-    else:
-        radius_px, _ = _geometry(config, info.box_size, px)
-        mask = soft_sphere_mask(info.box_size, radius_px,
-                                soft_edge_px=max(3.0, 0.05 * info.box_size))
+    full = read_map(where / "map.mrc")[0]
+    mask = final_mask(config.masks, full, px, where,
+                      fallback=_particle_mask(config, info.box_size, px))
+    report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
     if config.non_uniform:
-        resolution = resolution_at_threshold(fsc(halves[0] * mask, halves[1] * mask),
-                                             info.box_size, px, 0.143)
-        choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolution, mask=mask)
-        write_map(where / "map_nu.mrc",
-                  apply_local_filter(read_map(where / "map.mrc")[0], choice, cutoffs, px), px)
+        choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, report["resolution_A"],
+                                              mask=mask)
+        write_map(where / "map_nu.mrc", apply_local_filter(full, choice, cutoffs, px), px)
         write_map(where / "local_resolution.mrc", local_resolution_map(choice, cutoffs), px)
-    return write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
+    return report
 
 
 def _write_final_outputs(config, store, out: Path, state: State, elapsed: float) -> dict:
@@ -468,7 +470,8 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
     if state.class_id is not None:
         _write_class_subsets(out / "particles.star", state.class_id, k_total)
     summary = {
-        "job": "refine" if k_total == 1 else "hetero-refine", "resolution_A": report["resolution_A"],
+        "job": "refine" if k_total == 1 else "hetero-refine",
+        "resolution_A": report["resolution_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
         "resolution_last_iteration_A": state.resolution_A, "iterations": state.iteration,
         "converged": state.stale >= config.patience, "n_particles": info.n_particles,

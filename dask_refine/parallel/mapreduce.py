@@ -118,7 +118,8 @@ def refine_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int, set
     """Delayed graph of one refinement E-step over all chunks.
 
     ``settings`` = ``(references, envelopes, noise_weight, params, pixel_size_A,
-    scale_max_shell[, n_classes, soft_classes])``, ideally a Future scattered once to every worker (the references are large).
+    scale_max_shell[, n_classes, soft_classes])``, ideally a Future scattered once to every
+    worker (the references are large).
     The result is ``(FourierSums, [(first_index, StepResult), …])``.
     """
     extra = (n_groups, images_dask.shape[-1], pad, settings, source)
