@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 from dask_refine.core.backprojection import particle_ctfs
 from dask_refine.core.fourier import centred_fftn, centred_ifftn, centred_rfftn, crop_centred
 from dask_refine.core.pose_search import (ParticleData, SearchParams, amplitude_envelope,
-                                          band_pixels, branch_and_bound, exhaustive_search,
+                                          band_pixels, branch_and_bound, exhaustive_evaluations,
+                                          exhaustive_search,
                                           high_band_bound, pose_error)
 from dask_refine.core.projection import extract_central_slices_rfft, prepare_reference_rfft
 from dask_refine.core.rotations import angular_distance_deg, random_rotations
@@ -78,6 +79,9 @@ def test_branch_and_bound_finds_the_exhaustive_optimum(small_map):
     same = bnb.error <= exh.error * (1 + 1e-6)
     assert same.mean() >= 0.99, np.flatnonzero(~same)
     assert bnb.n_evaluations.mean() * 10 < exh.n_evaluations[0]
+    assert exh.n_evaluations[0] == exhaustive_evaluations(params)
+    c4 = SearchParams(**{**params.__dict__, "symmetry": "C4"})
+    assert exhaustive_evaluations(c4) < exhaustive_evaluations(params) / 3
     # and the poses are the true ones to within the grid
     assert np.median(angular_distance_deg(bnb.rotation, truth["rotation"])) < 7.5
     assert np.median(np.abs(bnb.origin_px - truth["shift_A"] / px)) <= 0.5

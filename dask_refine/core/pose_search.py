@@ -29,6 +29,7 @@ last level and every shift the search can reach: the reference the tests compare
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -356,6 +357,21 @@ def reachable_origins(params: SearchParams) -> np.ndarray:
     step0 = params.shift_step_px * 2 ** (last - first)
     reach = so3_grid.shift_grid(params.max_shift_px, step0)[:, 0].max() + step0 - params.shift_step_px
     return so3_grid.shift_grid(reach, params.shift_step_px)
+
+
+def exhaustive_evaluations(params: SearchParams) -> int:
+    """Error evaluations per particle that :func:`exhaustive_search` makes for ``params``: every
+    cell of the last level in the asymmetric unit × every reachable origin. The yardstick for
+    the branch-and-bound counts in ``SearchResult.n_evaluations``."""
+    return _n_cells(max(params.last_level, params.first_level), params.symmetry) * int(
+        reachable_origins(params).shape[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _n_cells(level: int, symmetry: str) -> int:
+    if str(symmetry).upper() == "C1":
+        return so3_grid.n_rotations(level)
+    return int(asymmetric_cells(level, symmetry)[2].shape[0])
 
 
 def exhaustive_search(reference_rfft, data: ParticleData, params: SearchParams,
