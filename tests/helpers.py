@@ -3,15 +3,13 @@
 import numpy as np
 
 from dask_refine.core.backprojection import FourierSums, backproject_particles
-from dask_refine.core.fourier import centred_fftn, centred_ifftn, crop_centred
+from dask_refine.core.fourier import fourier_downsample
 from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH
 
 
 def downsample_to_32(volume) -> np.ndarray:
-    """A box-64 map Fourier-cropped to box 32 (twice the pixel size), same greyscale per voxel
-    sum scaling as the simulator expects."""
-    f = crop_centred(centred_fftn(np.asarray(volume, np.float64), 3), 32, 3)
-    return (centred_ifftn(f, 3).real / 8).astype(np.float32)
+    """A box-64 map Fourier-cropped to box 32 (twice the pixel size)."""
+    return fourier_downsample(volume, 32)
 
 
 def true_pose_sums(store, pixel_size_A: float) -> FourierSums:

@@ -126,3 +126,13 @@ def crop_centred(a, new_size: int, ndim: int):
     lo = d // 2 - new_size // 2
     sl = (Ellipsis,) + (slice(lo, lo + new_size),) * ndim
     return a[sl]
+
+
+def fourier_downsample(volume, box_size: int):
+    """A cubic map Fourier-cropped from box ``D`` to ``box_size`` (pixel size × D/box_size): the
+    same density sampled more coarsely (voxel values kept, the band beyond the new Nyquist
+    removed, no aliasing)."""
+    xp = array_module(volume)
+    d = volume.shape[-1]
+    f = crop_centred(centred_fftn(xp.asarray(volume, dtype=xp.float64), 3), box_size, 3)
+    return (centred_ifftn(f, 3).real * (box_size / d) ** 3).astype(xp.float32)
