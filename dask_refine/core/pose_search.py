@@ -211,8 +211,14 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
 
     ``prior_origin_px`` ``(B, 2)`` centres the shift grids (default 0); with ``params.local``,
     ``prior_rotation`` ``(B, 3, 3)`` restricts the search to the neighbourhood of each prior.
-    ``trace=True`` records, per particle and level: band, candidates, kept, bounds, the true
-    error of the best-bound candidate, and (at the last level) the final errors.
+    ``trace=True`` records, per particle, one dict per level: ``level``, ``band`` (the band
+    limit L, Fourier pixels), ``n_candidates``, ``n_kept``, ``bounds`` (the lower bound of every
+    candidate), ``true_errors`` (E_{r_align} of every candidate, computed for the trace only),
+    ``kept`` (bool mask of the candidates carried to the next level), ``rotations`` and
+    ``origins_px`` of the candidates, ``best_true`` / ``best_bound`` (the best-bound candidate's
+    true error and bound), ``evaluations`` (cumulative count, trace-only errors excluded) and,
+    at the last level, ``final_errors`` (true errors of the survivors). Every bound is ≤ its
+    true error; that is what makes pruning safe.
     """
     box = data.box_size
     n = data.images_rfft.shape[0]
@@ -278,9 +284,9 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
             e_star = float(true_star[0, 0])
             keep = _prune(bound, e_star, energy, params)
             if trace:
-                levels.append(dict(level=lvl, band=bands[lvl], n_candidates=int(bound.size),
-                                   n_kept=int(keep.size), bounds=bound.copy(), best_true=e_star,
-                                   best_bound=float(bound[star])))
+                levels.append(_trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot,
+                                           pair_origin, bound, keep, e_star, star, evals,
+                                           bands[lvl]))
             if lvl == last:
                 # final decision: the true error of every surviving pair
                 kr, inv = np.unique(pair_rot[keep], return_inverse=True)
@@ -320,6 +326,20 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         if trace:
             traces.append(levels)
     return SearchResult(out_rot, out_origin, out_err, out_evals, traces)
+
+
+def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin, bound, keep,
+                 e_star, star, evals, band) -> dict:
+    """One level of a search trace (see :func:`branch_and_bound`)."""
+    rotations = so3_grid.cell_rotations(lvl, dirs, psis)
+    true_slices = _slices(reference_rfft, p_true.d, rotations, p_true.kx, p_true.ky)
+    true_errors, _ = _pair_errors(p_true, true_slices, pair_rot, pair_origin)
+    kept = np.zeros(bound.size, dtype=bool)
+    kept[keep] = True
+    return dict(level=lvl, band=band, n_candidates=int(bound.size), n_kept=int(keep.size),
+                bounds=bound.copy(), true_errors=true_errors, kept=kept,
+                rotations=rotations[pair_rot], origins_px=pair_origin.copy(), best_true=e_star,
+                best_bound=float(bound[star]), evaluations=int(evals))
 
 
 def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
