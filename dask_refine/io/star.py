@@ -19,8 +19,13 @@ import starfile
 
 from ..core.rotations import euler_to_matrix, matrix_to_euler
 from .errors import InputError
-from .mrc import StackReader, write_stack
+from .mrc import write_stack
+from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
 from .store import STAR_GROUP, ParticleStore, assign_half_sets
+
+#: ``starfile.write`` format for floats: shortest repr, so that every value read from a STAR file
+#: is written back exactly (``%.6f`` would turn 3.2e-07 into 0.000000).
+FLOAT_FORMAT = None
 
 OPTICS_FIELDS = {  # store column → (RELION label, default)
     "voltage_kV": ("rlnVoltage", None),
@@ -133,25 +138,6 @@ def _parse_image_names(names, where) -> tuple[np.ndarray, list[str]]:
     return index, files
 
 
-def resolve_image_path(file: str, star_path: Path, images_root=None) -> Path:
-    """Find a stack named in a STAR file: absolute, under ``images_root``, next to the STAR file or
-    any of its parent folders (the RELION project folder), or relative to the working folder."""
-    p = Path(file)
-    candidates = [p] if p.is_absolute() else []
-    if not p.is_absolute():
-        if images_root:
-            candidates.append(Path(images_root) / p)
-        folder = star_path.resolve().parent
-        candidates += [parent / p for parent in [folder, *folder.parents][:6]]
-        candidates.append(Path.cwd() / p)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise InputError(f"{star_path}: field rlnImageName", f"image stack {file!r} not found "
-                     f"(looked in {', '.join(str(c.parent) for c in candidates[:4])}); "
-                     "give --images-root")
-
-
 def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: float | None = None,
                 images_root=None, seed: int = 0, progress=None) -> ParticleStore:
     """Import a RELION STAR file and its image stacks into a new particle store."""
@@ -190,29 +176,16 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
         meta["class_id"] = _numeric(particles, "rlnClassNumber", where).astype(np.int32) - 1
 
     image_index, image_files = _parse_image_names(particles["rlnImageName"], where)
-    resolved: dict[str, Path] = {}
-    for f in dict.fromkeys(image_files):
-        resolved[f] = resolve_image_path(f, star_path, images_root)
-    with StackReader(resolved[image_files[0]]) as first:
-        box = first.box_size
+    resolved = resolve_stacks(image_files, star_path, images_root)
+    box = stack_box_size(resolved[image_files[0]])
 
     optics_records = [] if optics is None else optics.to_dict(orient="records")
-    store = ParticleStore.create(
-        store_path, n, box, angpix, chunk_size,
-        optics=[{"optics_group": int(i) + 1, "voltage_kV": float(meta["voltage_kV"][oidx == i][0]),
-                 "cs_mm": float(meta["cs_mm"][oidx == i][0]),
-                 "amplitude_contrast": float(meta["amplitude_contrast"][oidx == i][0])}
-                for i in np.unique(oidx)],
+    store = create_store_with_images(
+        store_path, image_index, image_files, resolved, box, angpix, chunk_size,
+        optics=optics_groups(meta, oidx),
         provenance={"created_by": "dask_refine.import_star", "star_file": str(star_path.resolve()),
                     "star_version": "3.0" if optics is None else "3.1"},
-    )
-    try:
-        _copy_images(store, image_index, image_files, resolved, box, chunk_size, where, progress)
-    except Exception:
-        import shutil
-
-        shutil.rmtree(store_path, ignore_errors=True)  # our own half-made store, never the input
-        raise
+        where=where, field="rlnImageName", first_image=1, progress=progress)
     for name, values in meta.items():
         store.write_column(name, values)
     for label in particles.columns:
@@ -227,36 +200,6 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
 
 def _jsonable(records):
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]
-
-
-def _copy_images(store, image_index, image_files, resolved, box, chunk_size, where, progress):
-    readers: dict[str, StackReader] = {}
-    try:
-        n = len(image_index)
-        files = np.array(image_files, dtype=object)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            chunk = np.empty((stop - start, box, box), dtype=np.float32)
-            for f in dict.fromkeys(files[start:stop]):
-                rows = np.flatnonzero(files[start:stop] == f)
-                if f not in readers:
-                    readers[f] = StackReader(resolved[f])
-                    if readers[f].box_size != box:
-                        raise InputError(resolved[f], f"images are {readers[f].box_size} px; "
-                                         f"expected {box} px like the first stack (mixed box "
-                                         "sizes)")
-                chunk[rows] = readers[f].read(image_index[start:stop][rows])
-            bad = np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))
-            if bad.size:
-                i = start + int(bad[0])
-                raise InputError(f"{resolved[files[i]]}", f"image {image_index[i] + 1} (STAR row "
-                                 f"{i + 1}) has NaN or Inf pixels; expected finite values")
-            store.write_images(start, chunk)
-            if progress is not None:
-                progress(stop, n)
-    finally:
-        for r in readers.values():
-            r.close()
 
 
 def export_star(store: ParticleStore, star_path, poses: dict | None = None,
@@ -319,6 +262,6 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         } for g in groups])
     star_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")
-    starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
+    starfile.write({"optics": optics, "particles": particles}, tmp, float_format=FLOAT_FORMAT)
     os.replace(tmp, star_path)
     return star_path

@@ -35,6 +35,7 @@ from ..core.pose_search import SearchParams, amplitude_envelope
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
 from ..core.rotations import angular_distance_deg
+from ..io.cryosparc import export_cs
 from ..io.errors import InputError
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv, write_json
@@ -467,6 +468,7 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
     if state.class_id is not None:
         poses["class_id"] = state.class_id
     export_star(store, out / "particles.star", poses=poses)
+    export_cs(store, out / "particles.cs", poses=poses)
     if state.class_id is not None:
         _write_class_subsets(out / "particles.star", state.class_id, k_total)
     summary = {
@@ -479,7 +481,8 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
         "outputs": {k: str(out / v) for k, v in (
             (("map", "map.mrc"), ("half_A", "half_A.mrc"), ("half_B", "half_B.mrc"),
              ("fsc", "fsc.csv"), ("fsc_plot", "fsc.png")) if k_total == 1 else ())
-            + (("iterations", "iterations.csv"), ("particles", "particles.star"))},
+            + (("iterations", "iterations.csv"), ("particles", "particles.star"),
+               ("particles_cs", "particles.cs"))},
     }
     if k_total > 1:
         sizes = np.bincount(state.class_id, minlength=k_total)

@@ -131,6 +131,26 @@ def cmd_export_star(args) -> int:
     return 0
 
 
+def cmd_import_cs(args) -> int:
+    from ..io.cryosparc import import_cs
+
+    store = import_cs(args.cs, args.store, args.chunk_size, args.images_root, args.pixel_size_A,
+                      progress=_progress("importing"))
+    info = store.info
+    print(f"imported {info.n_particles} particles (box {info.box_size}, "
+          f"{info.pixel_size_A:g} Å/px) into {args.store}")
+    return 0
+
+
+def cmd_export_cs(args) -> int:
+    from ..io.cryosparc import export_cs
+    from ..io.store import ParticleStore
+
+    path = export_cs(ParticleStore.open(args.store), args.cs)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_reconstruct(args) -> int:
     from ..jobs.reconstruct import ReconstructConfig, run_reconstruct
 
@@ -246,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("star")
     p.set_defaults(func=cmd_export_star)
+
+    p = sub.add_parser("import-cs", help="import a cryoSPARC .cs particle file and its stacks")
+    p.add_argument("cs", help="cryoSPARC particle file (.cs)")
+    p.add_argument("store", help="new particle store (Zarr folder)")
+    p.add_argument("--chunk-size", type=int, default=1000, help="default: %(default)s")
+    p.add_argument("--pixel-size-A", type=float,
+                   help="override the .cs pixel size (blob/psize_A), in Å")
+    p.add_argument("--images-root", help="folder the blob/path entries are relative to (the "
+                   "cryoSPARC project folder; default: the .cs file's folder and its parents)")
+    p.set_defaults(func=cmd_import_cs)
+
+    p = sub.add_parser("export-cs", help="write a store's particles and poses as a cryoSPARC .cs")
+    p.add_argument("store")
+    p.add_argument("cs")
+    p.set_defaults(func=cmd_export_cs)
 
     from ..jobs.refine import RefineConfig
 
