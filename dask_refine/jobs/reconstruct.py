@@ -2,7 +2,9 @@
 
 Outputs in ``out_dir``: ``half_A.mrc``, ``half_B.mrc``, ``map.mrc`` (full map, regularised by the
 SSNR that the half-map FSC implies, RELION-style), ``fsc.csv``, ``fsc.png``, ``summary.json`` and
-the resolved ``config.json``. The particle store is opened read-only.
+the resolved ``config.json``; figures ``orientations.png``, ``slices.png`` and ``guinier.png``
+(the B-factor goes into ``summary.json``; :func:`..io.figures.write_job_figures`). The particle
+store is opened read-only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..core.projection import DEFAULT_PAD
 from ..core.reconstruction import reconstruct
 from ..core.symmetry import symmetry_operators
 from ..io.errors import InputError
+from ..io.figures import write_job_figures
 from ..io.mrc import write_map
 from ..io.outputs import write_json
 from ..io.store import ParticleStore
@@ -142,24 +145,37 @@ def _class_groups(classes: str, store: ParticleStore, meta: dict, halves: np.nda
     return halves, weights.shape[1], "soft weights"
 
 
-def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, mask) -> dict:
-    """Half maps, full map, mask and FSC report of one class into ``out``; their summary."""
+def _class_poses(meta: dict, groups: np.ndarray, k: int):
+    """Rotations (and soft class weights) of class ``k``'s particles, for its orientation plot."""
+    if "class_weight" in meta:
+        return meta["rotation"], meta["class_weight"][:, k]
+    return meta["rotation"][groups // 2 == k], None
+
+
+def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, mask,
+                rotation=None, weights=None) -> dict:
+    """Half maps, full map, mask, FSC report and figures of one class into ``out``; their
+    summary."""
     px = info.pixel_size_A
     halves, _, full = reconstruct_halves_and_full(sums, info.box_size, px, mask, config.symmetry)
     for name, vol in zip(HALF_NAMES, halves):
         write_map(out / f"half_{name}.mrc", vol, px)
     write_map(out / "map.mrc", full, px)
     report = write_fsc_report(out, halves, final_mask(config.masks, full, px, out, mask), px)
+    figures = write_job_figures(out, halves, full, report["curves"]["corrected"],
+                                report["resolution_A"], px, rotation, weights, config.symmetry)
     return {
         "resolution_A": report["resolution_A"],
+        "bfactor_A2": figures["bfactor_A2"],
         "resolution_fsc05_A": report["resolution_fsc05_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
         "mask": ("user" if config.masks.mask_path else "auto" if config.masks.auto_mask
                  else "sphere" if mask is not None else None),
         "n_particles_per_half": sums.count.tolist(),
-        "outputs": {k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),
-                                                   ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
-                                                   ("fsc_plot", "fsc.png"))},
+        "outputs": {**{k: str(out / f) for k, f in (("map", "map.mrc"), ("half_A", "half_A.mrc"),
+                                                      ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
+                                                      ("fsc_plot", "fsc.png"))},
+                    **figures["outputs"]},
     }
 
 
@@ -207,11 +223,13 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
                 log(f"class {k + 1}: a half set is empty; no map")
                 results[k + 1] = {"n_particles_per_half": pair.count.tolist()}
                 continue
-            results[k + 1] = _write_maps(folder, pair, info, config, mask)
+            results[k + 1] = _write_maps(folder, pair, info, config, mask,
+                                         *_class_poses(meta, groups, k))
         summary = {"job": "reconstruct", "classes": class_note, "n_classes": n_classes,
                    "per_class": results}
     else:
-        summary = {"job": "reconstruct", **_write_maps(out, sums, info, config, mask)}
+        summary = {"job": "reconstruct",
+                   **_write_maps(out, sums, info, config, mask, meta["rotation"])}
     summary.update({
         "n_particles": info.n_particles, "box_size": info.box_size,
         "pixel_size_A": info.pixel_size_A, "symmetry": config.symmetry,

@@ -8,7 +8,8 @@ margin. Stops when the resolution has not improved for ``patience`` iterations, 
 ``max_iterations``. The output folder is the checkpoint (:mod:`.checkpoint`).
 
 Outputs at the top of ``out_dir``: ``map.mrc`` (FSC-Wiener-regularised full map), ``half_A.mrc``,
-``half_B.mrc``, ``fsc.csv``, ``fsc.png``, ``iterations.csv``, ``particles.star`` (RELION 3.1),
+``half_B.mrc``, ``fsc.csv``, ``fsc.png``, ``orientations.png``, ``slices.png``, ``guinier.png``
+(B-factor in ``summary.json``), ``iterations.csv``, ``particles.star`` (RELION 3.1),
 ``summary.json``, ``config.json``; each iteration's files under ``iterations/iter_NNN/``.
 """
 
@@ -37,6 +38,7 @@ from ..core.reconstruction import reconstruct
 from ..core.rotations import angular_distance_deg
 from ..io.cryosparc import export_cs
 from ..io.errors import InputError
+from ..io.figures import write_job_figures
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv, write_json
 from ..io.star import export_star
@@ -408,9 +410,10 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     return summary
 
 
-def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
+def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -> dict:
     """Copy one class's final maps from the last iteration folder ``last`` into ``where`` and
-    write its (mask-corrected) FSC report, plus the NU map when asked; returns the report."""
+    write its (mask-corrected) FSC report and figures (``rotation``: its particles' poses), plus
+    the NU map when asked; returns the report."""
     px = info.pixel_size_A
     for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
         shutil.copyfile(last / name, where / f".{name}.tmp")
@@ -420,6 +423,8 @@ def _write_class_outputs(config, info, last: Path, where: Path) -> dict:
     mask = final_mask(config.masks, full, px, where,
                       fallback=_particle_mask(config, info.box_size, px))
     report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
+    report.update(write_job_figures(where, halves, full, report["curves"]["corrected"],
+                                    report["resolution_A"], px, rotation, None, config.symmetry))
     if config.non_uniform:
         choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, report["resolution_A"],
                                               mask=mask)
@@ -439,7 +444,8 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
             continue
         dst = out if k_total == 1 else out / f"class_{k + 1:03d}"
         dst.mkdir(exist_ok=True)
-        reports[k + 1] = _write_class_outputs(config, info, src, dst)
+        reports[k + 1] = _write_class_outputs(config, info, src, dst, state.rotation if k_total == 1
+                                              else state.rotation[state.class_id == k])
     report = reports[min(reports, key=lambda k: reports[k]["resolution_A"])]
     rows = []
     for it in completed_iterations(out):
@@ -475,6 +481,7 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
         "job": "refine" if k_total == 1 else "hetero-refine",
         "resolution_A": report["resolution_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
+        "bfactor_A2": report["bfactor_A2"],
         "resolution_last_iteration_A": state.resolution_A, "iterations": state.iteration,
         "converged": state.stale >= config.patience, "n_particles": info.n_particles,
         "box_size": info.box_size, "pixel_size_A": info.pixel_size_A, "time_s": elapsed,
@@ -484,11 +491,14 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
             + (("iterations", "iterations.csv"), ("particles", "particles.star"),
                ("particles_cs", "particles.cs"))},
     }
+    if k_total == 1:
+        summary["outputs"].update(report["outputs"])
     if k_total > 1:
         sizes = np.bincount(state.class_id, minlength=k_total)
         summary["classes"] = {
             k + 1: {"n_particles": int(sizes[k]),
                     "resolution_A": reports[k + 1]["resolution_A"] if k + 1 in reports else None,
+                    "bfactor_A2": reports[k + 1]["bfactor_A2"] if k + 1 in reports else None,
                     "map": str(out / f"class_{k + 1:03d}" / "map.mrc")}
             for k in range(k_total)}
     write_json(out / "summary.json", summary)

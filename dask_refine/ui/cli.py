@@ -235,6 +235,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dask-refine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dask-refine {__version__}")
@@ -340,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     _mask_args(p)
     _cluster_args(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a job's results "
+                       "(DIR/report.html: key figures, plots, iterations, classes, outputs)")
+    p.add_argument("dir", metavar="DIR", help="a job's output folder (with summary.json)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,204 @@
+"""``dask-refine report DIR``: one self-contained HTML page for a job's output folder.
+
+The page (``DIR/report.html``) shows the job's key figures from ``summary.json`` (resolution,
+B-factor, iterations, particles, time), its figures (``fsc.png``, ``guinier.png``,
+``orientations.png``, ``slices.png``) embedded as base64 so the file can be mailed on its own,
+``iterations.csv`` as a table (refinement), one section per class folder ``class_NNN/``
+(heterogeneous jobs), the resolved ``config.json`` and relative links to the output files.
+Only the standard library: ``html`` for escaping, no template engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+from pathlib import Path
+
+from ..io.errors import InputError
+
+FIGURES = (("fsc.png", "Fourier shell correlation"), ("guinier.png", "Guinier plot and B-factor"),
+           ("orientations.png", "Viewing directions"), ("slices.png", "Central slices"))
+OUTPUT_SUFFIXES = (".mrc", ".csv", ".star", ".json", ".png")
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f2f2f2; } td.k, th.k { text-align: left; }
+.figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1em; }
+figure { margin: 0; } figure.wide { grid-column: 1 / -1; }
+figure img { width: 100%; border: 1px solid #ddd; } .scroll { overflow-x: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value, fmt: str, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    try:
+        return f"{format(float(value), fmt)}{unit}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    minutes, s = divmod(float(seconds), 60)
+    return f"{s:.1f} s" if minutes < 1 else f"{int(minutes)} min {s:.0f} s"
+
+
+def _key_figures(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of the job's headline numbers."""
+    rows = [("job", summary.get("job", "?")),
+            ("resolution (FSC 0.143)", _number(summary.get("resolution_A"), ".2f", " Å")),
+            ("B-factor (Guinier fit, RELION sign)", _number(summary.get("bfactor_A2"), ".0f",
+                                                            " Å²"))]
+    if "iterations" in summary:
+        converged = "converged" if summary.get("converged") else "iteration limit"
+        rows.append(("iterations", f"{summary['iterations']} ({converged})"))
+    rows += [("particles", _number(summary.get("n_particles"), ",.0f")),
+             ("box", f"{summary.get('box_size', '?')} px at "
+                     f"{_number(summary.get('pixel_size_A'), '.3f', ' Å/px')}"),
+             ("symmetry", summary.get("symmetry", "C1")),
+             ("time", _duration(summary.get("time_s")))]
+    if summary.get("mask"):
+        rows.insert(3, ("mask", summary["mask"]))
+    return rows
+
+
+def _table(header: list[str] | None, rows: list[list], key_columns: int = 1) -> str:
+    """An HTML table (escaped); the first ``key_columns`` columns are left-aligned labels."""
+    def cell(tag, i, v):
+        cls = ' class="k"' if i < key_columns else ""
+        return f"<{tag}{cls}>{_e(v)}</{tag}>"
+
+    head = ("<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"
+            if header else "")
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>"
+                   for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _figures(folder: Path, prefix: str = "") -> str:
+    """The folder's PNG figures as embedded images with captions ('' when none exist)."""
+    items = []
+    for name, caption in FIGURES:
+        path = folder / name
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            wide = ' class="wide"' if name == "slices.png" else ""
+            items.append(f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{_e(name)}">'
+                         f"<figcaption>{_e(caption)} ({_e(prefix + name)})</figcaption></figure>")
+    return f'<div class="figs">{"".join(items)}</div>' if items else ""
+
+
+def _csv_table(path: Path, digits: int = 4) -> str:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return ""
+
+    def fmt(v: str) -> str:
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        if f.is_integer() and "." not in v:
+            return str(int(f))
+        return f"{f:,.0f}" if abs(f) >= 10 ** digits else f"{f:.{digits}g}"
+
+    table = _table(rows[0], [[fmt(v) for v in r] for r in rows[1:]])
+    return f'<div class="scroll">{table}</div>'
+
+
+def _class_summaries(summary: dict) -> dict[int, dict]:
+    """Per-class entries of a heterogeneous job's summary (reconstruct or refine), by class."""
+    per_class = summary.get("per_class") or summary.get("classes") or {}
+    return {int(k): v for k, v in per_class.items()} if isinstance(per_class, dict) else {}
+
+
+def _classes(job_dir: Path, summary: dict) -> str:
+    folders = sorted(p for p in job_dir.glob("class_[0-9][0-9][0-9]") if p.is_dir())
+    if not folders:
+        return ""
+    info = _class_summaries(summary)
+    rows, sections = [], []
+    for folder in folders:
+        k = int(folder.name.split("_")[1])
+        c = info.get(k, {})
+        n = c.get("n_particles", sum(c.get("n_particles_per_half", [])) or None)
+        rows.append([f"class {k}", _number(n, ",.0f"), _number(c.get("resolution_A"), ".2f", " Å"),
+                     _number(c.get("bfactor_A2"), ".0f", " Å²")])
+        figures = _figures(folder, f"{folder.name}/")
+        sections.append(f"<h3>Class {k}</h3>" + (figures or "<p>no maps (empty class)</p>"))
+    table = _table(["class", "particles", "resolution", "B-factor"], rows)
+    return "<h2>Classes</h2>" + table + "".join(sections)
+
+
+def _output_links(job_dir: Path) -> str:
+    """Relative links to the output files of the folder and its class folders."""
+    items = []
+    for folder in [job_dir, *sorted(job_dir.glob("class_[0-9][0-9][0-9]"))]:
+        for path in sorted(folder.iterdir()):
+            if (path.is_file() and path.suffix in OUTPUT_SUFFIXES
+                    and not path.name.startswith(".") and path.name != "report.html"):
+                rel = path.relative_to(job_dir).as_posix()
+                size = path.stat().st_size
+                size = f"{size / 1e6:.2f} MB" if size > 1e5 else f"{size / 1e3:.1f} kB"
+                items.append(f'<li><a href="{_e(rel)}">{_e(rel)}</a> ({size})</li>')
+    if (job_dir / "iterations").is_dir():
+        items.append('<li><a href="iterations/">iterations/</a> (per-iteration checkpoints)</li>')
+    return "<h2>Output files</h2><ul>" + "".join(items) + "</ul>"
+
+
+def read_summary(job_dir) -> dict:
+    """The job's ``summary.json``; :class:`InputError` when ``job_dir`` is not a job folder."""
+    path = Path(job_dir) / "summary.json"
+    if not Path(job_dir).is_dir():
+        raise InputError(job_dir, "not a folder; expected a job's output folder")
+    if not path.is_file():
+        raise InputError(job_dir, "no summary.json; expected the output folder of a finished "
+                         "reconstruct/refine job")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+
+
+def build_report(job_dir) -> str:
+    """The HTML page for a job folder (a string; see :func:`write_report`)."""
+    job_dir = Path(job_dir)
+    summary = read_summary(job_dir)
+    title = f"dask-refine {summary.get('job', 'job')}: {job_dir.resolve().name}"
+    parts = [f"<h1>{_e(title)}</h1><p class='sub'>{_e(job_dir.resolve())}</p>",
+             "<h2>Key figures</h2>",
+             _table(None, _key_figures(summary), key_columns=2),
+             _figures(job_dir)]
+    if (job_dir / "iterations.csv").is_file():
+        parts.append("<h2>Iterations</h2>" + _csv_table(job_dir / "iterations.csv"))
+    parts.append(_classes(job_dir, summary))
+    if (job_dir / "config.json").is_file():
+        parts.append("<details><summary>config.json</summary><pre>"
+                     + _e((job_dir / "config.json").read_text()) + "</pre></details>")
+    parts.append(_output_links(job_dir))
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def write_report(job_dir) -> Path:
+    """Write ``job_dir/report.html`` atomically; returns its path."""
+    page = build_report(job_dir)
+    path = Path(job_dir) / "report.html"
+    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
