@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 
 from ..core.fsc import shell_resolution_A
-from ..core.rotations import matrix_to_euler
+from ..core.viewing import viewing_directions
 
 THUMBNAIL_PX = 64
 ORIENTATION_BINS = (36, 18)  # azimuth × elevation, 10° bins
@@ -47,13 +47,14 @@ def central_slices(volume, max_px: int = THUMBNAIL_PX) -> list:
 
 
 def orientation_histogram(rotation, bins=ORIENTATION_BINS) -> dict:
-    """Counts of viewing directions over azimuth (RELION rot, −180…180°) × elevation
-    (90° − tilt, −90…90°): ``{"counts": (n_el, n_az) nested list, "azimuth_deg", "elevation_deg"
+    """Counts of viewing directions (:func:`..core.viewing.viewing_directions`) in uniform
+    azimuth (RELION rot, −180…180°) × elevation (90° − tilt, −90…90°) bins: ``{"counts": (n_el, n_az) nested list, "azimuth_deg", "elevation_deg"
     (bin edges)}``."""
-    rot, tilt, _ = matrix_to_euler(np.asarray(rotation))
+    azimuth, elevation = viewing_directions(rotation)
     az_edges = np.linspace(-180.0, 180.0, bins[0] + 1)
-    el_edges = np.linspace(-90.0, 90.0, bins[1] + 1)
-    counts, _, _ = np.histogram2d(90.0 - np.ravel(tilt), np.ravel(rot), bins=(el_edges, az_edges))
+    el_edges = np.linspace(-90.0, 90.0, bins[1] + 1)  # uniform: drawn as an image
+    counts, _, _ = np.histogram2d(np.ravel(elevation), np.ravel(azimuth),
+                                  bins=(el_edges, az_edges))
     return {"counts": counts.astype(int).tolist(), "azimuth_deg": az_edges.tolist(),
             "elevation_deg": el_edges.tolist()}
 

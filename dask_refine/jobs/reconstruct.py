@@ -16,18 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backprojection import CTF_PARAMETERS, FourierSums
-from ..core.fsc import fsc, ssnr_from_fsc
+from ..core.fsc import fsc, resolution_at_threshold, ssnr_from_fsc
 from ..core.masks import soft_sphere_mask
 from ..core.projection import DEFAULT_PAD
 from ..core.reconstruction import reconstruct
 from ..core.symmetry import symmetry_operators
 from ..io.errors import InputError
 from ..io.figures import write_job_figures
-from ..io.mrc import write_map
+from ..io.mrc import read_map, write_map
 from ..io.outputs import write_json
+from ..io.star import export_star
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
+from ..parallel.events import publish
 from ..parallel.mapreduce import backproject_graph
+from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 
 HALF_NAMES = ("A", "B")
@@ -234,5 +237,26 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
         "n_particles": info.n_particles, "box_size": info.box_size,
         "pixel_size_A": info.pixel_size_A, "symmetry": config.symmetry,
         "time_s": time.perf_counter() - t0, "backprojection_time_s": t_backproject})
+    summary["outputs_particles"] = str(export_star(store, out / "particles.star"))
     write_json(out / "summary.json", summary)
+    if client is not None:  # an embedded cluster is gone by now: nobody to tell
+        publish(client, _progress_event(config, out, info, n_classes, meta["rotation"]))
     return summary
+
+
+def _progress_event(config: ReconstructConfig, out: Path, info, n_classes: int,
+                    rotation) -> dict:
+    """The dashboard's view of the finished job, read back from the maps it wrote."""
+    classes = []
+    for k in range(n_classes):
+        folder = out / f"class_{k + 1:03d}" if config.classes else out
+        if not (folder / "half_A.mrc").exists():
+            classes.append(None)
+            continue
+        halves = [read_map(folder / f"half_{h}.mrc")[0] for h in HALF_NAMES]
+        curve = fsc(*halves)
+        classes.append({"fsc": curve, "halves": halves, "resolution_A": resolution_at_threshold(
+            curve, info.box_size, info.pixel_size_A, 0.143)})
+    return iteration_event(run=new_run_id("reconstruct"), job="reconstruct", out_dir=str(out),
+                           iteration=1, max_iterations=1, box_size=info.box_size,
+                           pixel_size_A=info.pixel_size_A, classes=classes, rotation=rotation)
