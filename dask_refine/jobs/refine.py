@@ -32,7 +32,7 @@ from ..core.masks import soft_sphere_mask
 from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_scales,
                           shell_mean, sigma2_from_sums)
 from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
-from ..core.pose_search import SearchParams, amplitude_envelope
+from ..core.pose_search import SearchParams, amplitude_envelope, exhaustive_evaluations
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
 from ..core.rotations import angular_distance_deg
@@ -44,7 +44,9 @@ from ..io.outputs import write_csv, write_json
 from ..io.star import export_star
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
+from ..parallel.events import publish
 from ..parallel.mapreduce import refine_graph
+from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
 from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_iterations,
@@ -345,7 +347,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                 class_id)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "median_pose_change_deg": float(changed),
-             "mean_evaluations": float(evals.mean()), "time_s": t_step,
+             "mean_evaluations": float(evals.mean()),
+             "exhaustive_evaluations": exhaustive_evaluations(params), "time_s": t_step,
              "particles_per_s": n / t_step, "arrays": {"error": error, "evaluations": evals}}
     if class_id is not None:
         stats.update(class_sizes=np.bincount(class_id, minlength=n_classes).tolist(),
@@ -381,6 +384,8 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
         finished = state.iteration > 0 and (state.stale >= config.patience
                                             or state.iteration >= config.max_iterations)
 
+        run_id = new_run_id(_job_name(config))
+
         def iterate(client):
             nonlocal state
             while not (state.iteration >= config.max_iterations
@@ -398,6 +403,7 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
                     + (f", class sizes {stats['class_sizes']}, "
                        f"{100 * stats['class_change_fraction']:.1f}% changed class"
                        if "class_sizes" in stats else ""))
+                publish(client, _progress_event(config, run_id, info, new, per_class, stats))
                 state = new
 
         if not finished:
@@ -408,6 +414,23 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
                 iterate(client)
         summary = _write_final_outputs(config, store, out, state, time.perf_counter() - t_start)
     return summary
+
+
+def _job_name(config: RefineConfig) -> str:
+    return "refine" if len(initial_maps(config)) == 1 else "hetero-refine"
+
+
+def _progress_event(config, run_id, info, state: State, per_class, stats) -> dict:
+    sizes = stats.get("class_sizes", [info.n_particles])
+    classes = [None if c is None else {"fsc": c[1], "halves": c[0], "n_particles": sizes[k],
+                                       "resolution_A": resolution_at_threshold(
+                                           c[1], info.box_size, info.pixel_size_A, 0.143)}
+               for k, c in enumerate(per_class)]
+    return iteration_event(
+        run=run_id, job=_job_name(config),
+        out_dir=config.out_dir, iteration=state.iteration, max_iterations=config.max_iterations,
+        box_size=info.box_size, pixel_size_A=info.pixel_size_A, classes=classes,
+        rotation=state.rotation, stats=stats)
 
 
 def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -> dict:

@@ -61,6 +61,12 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="remote tls:// scheduler: CA certificate (Dask TLS security)")
     g.add_argument("--tls-cert", metavar="PEM", help="remote tls:// scheduler: client certificate")
     g.add_argument("--tls-key", metavar="PEM", help="remote tls:// scheduler: client private key")
+    g.add_argument("--dashboard", action="store_true",
+                   help="serve the live refinement page in the Dask dashboard and print its URL "
+                   "(a remote scheduler needs 'dask scheduler --preload dask_refine.ui.dashboard')")
+    g.add_argument("--dashboard-address", default="127.0.0.1:8787", metavar="HOST:PORT",
+                   help="embedded cluster with --dashboard: where the dashboard listens (default: "
+                   "%(default)s; another free port if that one is taken)")
 
 
 def _cluster(args) -> ClusterConfig:
@@ -68,6 +74,29 @@ def _cluster(args) -> ClusterConfig:
                          threads_per_worker=args.threads_per_worker,
                          tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert,
                          tls_key=args.tls_key)
+
+
+def _run_job(args, job):
+    """``job(client)``; with ``--dashboard``, on a client made here whose scheduler serves the
+    live page, whose URL is printed on its own line as soon as it is up."""
+    if not getattr(args, "dashboard", False):
+        return job(None)
+    from dataclasses import replace
+
+    from ..parallel.cluster import dask_client
+    from . import dashboard
+
+    dashboard.register()
+    cluster = replace(_cluster(args), dashboard_address=args.dashboard_address)
+    with dask_client(cluster) as client:
+        url = dashboard.page_url(client)
+        if url:
+            print(url, flush=True)
+        else:
+            print(f"warning: the scheduler does not serve the dask-refine page (start it with "
+                  f"'dask scheduler --preload dask_refine.ui.dashboard'); Dask dashboard: "
+                  f"{client.dashboard_link}", file=sys.stderr, flush=True)
+        return job(client)
 
 
 def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -158,7 +187,8 @@ def cmd_reconstruct(args) -> int:
                                mask_diameter_A=args.mask_diameter_A, chunk_size=args.chunk_size,
                                symmetry=args.symmetry, masks=_masks(args),
                                classes=args.classes, cluster=_cluster(args))
-    summary = run_reconstruct(config, log=lambda m: print(m, file=sys.stderr))
+    summary = _run_job(args, lambda client: run_reconstruct(
+        config, client=client, log=lambda m: print(m, file=sys.stderr)))
     if args.classes:
         for k, c in summary["per_class"].items():
             res = f"{c['resolution_A']:.2f} Å" if "resolution_A" in c else "no map"
@@ -193,8 +223,8 @@ def cmd_refine(args) -> int:
         local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
-    summary = run_refine(config, log=lambda m: print(m, file=sys.stderr),
-                         progress=_progress_bar)
+    summary = _run_job(args, lambda client: run_refine(
+        config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
     state = "converged" if summary["converged"] else "stopped at the iteration limit"
     print(f"resolution {summary['resolution_A']:.2f} Å (gold-standard FSC 0.143"
           f"{', mask-corrected' if config.masks.mask_path or config.masks.auto_mask else ''}) after "
@@ -227,7 +257,8 @@ def cmd_demo(args) -> int:
           f"SNR {args.snr:g}) into {store_path}", file=sys.stderr)
     config = ReconstructConfig(store=str(store_path), out_dir=str(out / "reconstruction"),
                                cluster=_cluster(args))
-    summary = run_reconstruct(config, log=lambda m: print(m, file=sys.stderr))
+    summary = _run_job(args, lambda client: run_reconstruct(
+        config, client=client, log=lambda m: print(m, file=sys.stderr)))
     print(f"resolution {summary['resolution_A']:.2f} Å (FSC 0.143, gold standard) from "
           f"{summary['n_particles']} particles in {summary['time_s']:.1f} s")
     for key, path in summary["outputs"].items():
