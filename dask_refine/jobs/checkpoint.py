@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import shutil
 from pathlib import Path
 
@@ -19,8 +20,10 @@ ITERATIONS = "iterations"
 
 
 class RunLock:
-    """Exclusive lock on an output folder (``O_EXCL`` lock file; stale locks of dead PIDs are
-    taken over)."""
+    """Exclusive lock on an output folder: an ``O_EXCL`` lock file holding ``HOST PID`` of the
+    run. A lock left by a dead process on this host is taken over; a lock from another host
+    (another node or container, whose PIDs cannot be checked from here) is refused with the
+    host named, so that a user can remove it once sure that run is gone."""
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / ".lock"
@@ -31,22 +34,30 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                pid = self._owner()
+                host, pid = self._owner()
+                if host not in (None, socket.gethostname()):
+                    raise InputError(self.path.parent, f"another run (host {host}, PID {pid}) "
+                                     "holds this output folder; if that run is gone (e.g. a "
+                                     f"killed node or pod), delete {self.path}") from None
                 if pid and _alive(pid):
                     raise InputError(self.path.parent, f"another run (PID {pid}) is using this "
                                      "output folder; wait for it or choose another --out") from None
                 self.path.unlink(missing_ok=True)  # stale lock of a dead run
                 continue
             with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+                fh.write(f"{socket.gethostname()} {os.getpid()}")
             return self
         raise InputError(self.path.parent, "could not take the output folder's lock")
 
-    def _owner(self) -> int | None:
+    def _owner(self) -> tuple[str | None, int | None]:
+        """``(host, pid)`` of the lock's holder (host None for a lock that names only a PID)."""
         try:
-            return int(self.path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            return None
+            fields = self.path.read_text().split()
+            if len(fields) == 1:
+                return None, int(fields[0])
+            return fields[0], int(fields[1])
+        except (OSError, ValueError, IndexError):
+            return None, None
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
