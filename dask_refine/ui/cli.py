@@ -35,6 +35,27 @@ def _progress(label: str):
     return report
 
 
+STORE_HELP = "particle store (a Zarr folder, or an fsspec URL such as s3://bucket/p.zarr)"
+NEW_STORE_HELP = "new particle store to create (a Zarr folder, or an fsspec URL)"
+EXIT_STATUS = """exit status:
+  0    success; the last line printed is the result (resolution, files written)
+  2    bad input or usage: one line 'error: <file or field>: <found>; <expected>'
+  130  interrupted (a refinement resumes with --resume)
+  1    an unexpected error: a bug; please report it with the traceback"""
+
+
+class _Commands:
+    """Sub-command registry: each command's one-line help is also its --help description."""
+
+    def __init__(self, subparsers):
+        self._sub = subparsers
+
+    def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self._sub.add_parser(name, help=help, description=help[:1].upper() + help[1:],
+                                    epilog=EXIT_STATUS,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", help="user mask MRC for the final FSC (values 0…1, same box and "
                    "voxel size as the particles)")
@@ -53,9 +74,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="address of a running Dask scheduler (default: embedded LocalCluster)")
-    g.add_argument("--n-workers", type=int, help="embedded cluster: worker processes "
+    g.add_argument("--n-workers", type=int, metavar="N", help="embedded cluster: worker processes "
                    "(default: one per core)")
-    g.add_argument("--threads-per-worker", type=int, default=1,
+    g.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                    help="embedded cluster: threads per worker (default: %(default)s)")
     g.add_argument("--tls-ca-file", metavar="PEM",
                    help="remote tls:// scheduler: CA certificate (Dask TLS security)")
@@ -103,17 +124,20 @@ def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
     from ..io.simulate import SimulationConfig
 
     d = SimulationConfig()
-    p.add_argument("--n-particles", type=int, default=n_default, help="default: %(default)s")
-    p.add_argument("--snr", type=float, default=d.snr,
+    p.add_argument("--n-particles", type=int, default=n_default, metavar="N",
+                   help="particles to simulate (default: %(default)s)")
+    p.add_argument("--snr", type=float, default=d.snr, metavar="SNR",
                    help="signal-to-noise ratio (variance); inf for noise-free (default: %(default)s)")
     p.add_argument("--defocus-range-A", type=float, nargs=2, default=(d.defocus_min_A,
-                   d.defocus_max_A), metavar=("MIN", "MAX"), help="default: %(default)s Å")
+                   d.defocus_max_A), metavar=("MIN", "MAX"),
+                   help="defocus range in Å, drawn uniformly (default: %(default)s)")
     p.add_argument("--no-ctf", action="store_true", help="simulate without a CTF")
-    p.add_argument("--shift-sigma-A", type=float, default=d.shift_sigma_A,
+    p.add_argument("--shift-sigma-A", type=float, default=d.shift_sigma_A, metavar="Å",
                    help="std of random origins in Å (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, metavar="N",
                    help="particles per Zarr chunk (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                   help="random seed (default: %(default)s)")
 
 
 def _simulation_config(args):
@@ -274,9 +298,11 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dask-refine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dask-refine", description=__doc__.splitlines()[0], epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dask-refine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     p = sub.add_parser("demo", help="simulate a small dataset from a shipped map and reconstruct it")
     p.add_argument("--out", default="dask_refine_demo", help="output folder (default: %(default)s)")
@@ -286,38 +312,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="simulate particles from a map into a new store")
     p.add_argument("map", help="3D map (MRC) to project")
-    p.add_argument("store", help="new particle store (Zarr folder)")
+    p.add_argument("store", help=NEW_STORE_HELP)
     p.add_argument("--write-poses", action="store_true",
                    help="also store the true poses as the particles' poses (for reconstruct)")
     _simulation_args(p, n_default=2000)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("import-star", help="import a RELION 3.0/3.1 STAR file and its stacks")
-    p.add_argument("star")
-    p.add_argument("store", help="new particle store (Zarr folder)")
-    p.add_argument("--chunk-size", type=int, default=1000, help="default: %(default)s")
-    p.add_argument("--pixel-size-A", type=float, help="override the STAR file's pixel size")
+    p.add_argument("star", help="RELION 3.0 or 3.1 particle STAR file")
+    p.add_argument("store", help=NEW_STORE_HELP)
+    p.add_argument("--chunk-size", type=int, default=1000, metavar="N",
+                   help="particles per Zarr chunk (default: %(default)s)")
+    p.add_argument("--pixel-size-A", type=float, metavar="Å",
+                   help="override the STAR file's pixel size, in Å")
     p.add_argument("--images-root", help="folder the rlnImageName paths are relative to")
     p.set_defaults(func=cmd_import_star)
 
     p = sub.add_parser("export-star", help="write a store's particles and poses as RELION 3.1 STAR")
-    p.add_argument("store")
-    p.add_argument("star")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument("star", help="STAR file to write (images of a simulated store go to an "
+                   ".mrcs beside it)")
     p.set_defaults(func=cmd_export_star)
 
     p = sub.add_parser("import-cs", help="import a cryoSPARC .cs particle file and its stacks")
     p.add_argument("cs", help="cryoSPARC particle file (.cs)")
-    p.add_argument("store", help="new particle store (Zarr folder)")
-    p.add_argument("--chunk-size", type=int, default=1000, help="default: %(default)s")
-    p.add_argument("--pixel-size-A", type=float,
+    p.add_argument("store", help=NEW_STORE_HELP)
+    p.add_argument("--chunk-size", type=int, default=1000, metavar="N",
+                   help="particles per Zarr chunk (default: %(default)s)")
+    p.add_argument("--pixel-size-A", type=float, metavar="Å",
                    help="override the .cs pixel size (blob/psize_A), in Å")
     p.add_argument("--images-root", help="folder the blob/path entries are relative to (the "
                    "cryoSPARC project folder; default: the .cs file's folder and its parents)")
     p.set_defaults(func=cmd_import_cs)
 
     p = sub.add_parser("export-cs", help="write a store's particles and poses as a cryoSPARC .cs")
-    p.add_argument("store")
-    p.add_argument("cs")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument("cs", help=".cs file to write")
     p.set_defaults(func=cmd_export_cs)
 
     from ..jobs.refine import RefineConfig
@@ -327,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         hetero = name == "hetero-refine"
         p = sub.add_parser(name, help="Heterogeneous Refinement (K classes, one initial map each)"
                            if hetero else "Homogeneous Refinement (gold-standard, branch and bound)")
-        p.add_argument("store")
+        p.add_argument("store", help=STORE_HELP)
         if hetero:
             p.add_argument("--initial", required=True, nargs="+", metavar="MAP",
                            help="one initial map per class (MRC; greyscales are normalised)")
@@ -336,13 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
         p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
-        p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A,
+        p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A, metavar="Å",
                        help="low-pass the initial map to this resolution (default: %(default)s Å)")
-        p.add_argument("--max-iterations", type=int, default=d.max_iterations,
-                       help="default: %(default)s")
-        p.add_argument("--mask-diameter-A", type=float,
+        p.add_argument("--max-iterations", type=int, default=d.max_iterations, metavar="N",
+                       help="most EM iterations (default: %(default)s)")
+        p.add_argument("--mask-diameter-A", type=float, metavar="Å",
                        help="soft spherical mask diameter in Å (default: 80%% of the box)")
-        p.add_argument("--max-shift-A", type=float,
+        p.add_argument("--max-shift-A", type=float, metavar="Å",
                        help="half-extent of the shift search in Å (default: 10%% of the box)")
         p.add_argument("--global-only", action="store_true",
                        help="global pose search in every iteration (default: local searches "
@@ -355,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis "
                        "conventions (default: %(default)s)")
         p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
-        p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
+        p.add_argument("--chunk-size", type=int, metavar="N",
+                       help="particles per task (default: the store's chunks)")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished iteration")
         _mask_args(p)
@@ -363,10 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("reconstruct", help="Reconstruction Only: half maps, FSC, full map")
-    p.add_argument("store")
+    p.add_argument("store", help=STORE_HELP)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
-    p.add_argument("--mask-diameter-A", type=float, help="soft spherical mask for the FSC (Å)")
+    p.add_argument("--mask-diameter-A", type=float, metavar="Å",
+                   help="soft spherical mask diameter for the FSC, in Å (default: no mask)")
     p.add_argument("--classes", metavar="labels|FILE.npy",
                    help="heterogeneous reconstruction: 'labels' backprojects by the store's "
                    "class labels (rlnClassNumber); FILE.npy holds (N, K) class probabilities "
@@ -374,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetry", "--sym", default="C1",
                    help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis conventions "
                    "(default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, help="particles per task (default: store chunks)")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help="particles per task (default: the store's chunks)")
     _mask_args(p)
     _cluster_args(p)
     p.set_defaults(func=cmd_reconstruct)

@@ -1,0 +1,48 @@
+"""The command line is consistent across jobs: every command has --help, every argument is
+explained, every option with a default states it (with units in the help or the name)."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from dask_refine.ui.cli import build_parser
+
+
+def _subcommands():
+    parser = build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices)
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_argument_is_explained_with_its_default(name):
+    parser = _subcommands()[name]
+    assert parser.description or parser.format_usage()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = action.option_strings[-1] if action.option_strings else action.dest
+        assert action.help, f"{name} {label}: no help text"
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.option_strings and not flag and action.default not in (None, argparse.SUPPRESS):
+            assert "default" in action.help, f"{name} {label}: default {action.default!r} unstated"
+
+
+def test_help_and_exit_codes(capsys):
+    from dask_refine.ui.cli import main
+
+    for argv in [["--help"]] + [[name, "--help"] for name in _subcommands()]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith("usage: dask-refine")
+        assert "exit status:" in out and "2    bad input" in out
+    run = [sys.executable, "-m", "dask_refine.ui.cli"]
+    bad = subprocess.run(run + ["reconstruct", "/nonexistent/store.zarr", "--out", "/tmp/x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    usage = subprocess.run(run + ["refine"], capture_output=True, text=True)
+    assert usage.returncode == 2  # argparse: missing arguments
