@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from scipy.spatial.transform import Rotation
 from .errors import InputError
 from .mrc import write_stack
 from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
-from .store import STAR_GROUP, ParticleStore, assign_half_sets
+from .store import STAR_GROUP, ParticleStore, assign_half_sets, remove_store
 
 CS_GROUP = "cs"
 NUMPY_MAGIC = b"\x93NUMPY"
@@ -322,8 +321,10 @@ def _check_blob_shape(table, where, box: int) -> None:
 
 # ---- import -----------------------------------------------------------------------------------
 def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
-              pixel_size_A: float | None = None, progress=None, seed: int = 0) -> ParticleStore:
-    """Import a cryoSPARC ``.cs`` particle file and its MRC stacks into a new particle store.
+              pixel_size_A: float | None = None, progress=None, seed: int = 0,
+              storage_options: dict | None = None) -> ParticleStore:
+    """Import a cryoSPARC ``.cs`` particle file and its MRC stacks into a new particle store
+    (a folder or an fsspec URL; ``storage_options`` for the URL, see :class:`ParticleStore`).
 
     ``blob/path`` is looked up under ``images_root``, then in the .cs file's folder and its
     parents (the cryoSPARC project folder), then in the working folder; ``blob/idx`` is 0-based.
@@ -346,13 +347,14 @@ def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
         store_path, image_index, image_files, resolved, box, angpix, chunk_size,
         optics=optics_groups(meta, meta["optics_group"] - 1),
         provenance={"created_by": "dask_refine.import_cs", "cs_file": str(cs_path.resolve())},
-        where=where, field="blob/idx", first_image=0, progress=progress)
+        where=where, field="blob/idx", first_image=0, progress=progress,
+        storage_options=storage_options)
     try:
         for name, values in meta.items():
             store.write_column(name, values)
         _write_raw(store, table)
     except BaseException:
-        shutil.rmtree(store_path, ignore_errors=True)  # our own half-made store, never the input
+        remove_store(store_path, storage_options)  # our own half-made store, never the input
         raise
     return store
 

@@ -92,10 +92,13 @@ def render_particles(reference_rfft, meta: dict, truth: dict, rows: slice, box_s
 
 def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
                    config: SimulationConfig = SimulationConfig(), write_poses: bool = False,
-                   source: str = "", progress=None) -> ParticleStore:
+                   source: str = "", progress=None,
+                   storage_options: dict | None = None) -> ParticleStore:
     """Simulate ``config.n_particles`` images of ``volume`` into a new particle store.
 
-    ``progress``: optional callable ``(done, total)`` called after each chunk.
+    ``store_path``: a folder or an fsspec URL (``storage_options`` for the URL, see
+    :class:`ParticleStore`). ``progress``: optional callable ``(done, total)`` called after each
+    chunk.
     """
     box = volume.shape[-1]
     sim = simulate_metadata(config, box, pixel_size_A)
@@ -113,6 +116,7 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
                  "amplitude_contrast": config.amplitude_contrast}],
         provenance={"created_by": "dask_refine.simulate", "source_map": str(source),
                     "simulation": asdict(config), "noise_sigma": noise_sigma},
+        storage_options=storage_options,
     )
     for name, values in meta.items():
         store.write_column(name, values)
@@ -134,11 +138,12 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
     return store
 
 
-def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0) -> ParticleStore:
+def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
+                    storage_options: dict | None = None) -> ParticleStore:
     """Re-render particles ``rows`` of a simulated store from another map, with the same truth,
     CTFs and noise level (heterogeneous data: e.g. a second conformation or class). The store's
     provenance records which rows came from which map. Returns the store."""
-    store = ParticleStore.open(store_path, mode="r+")
+    store = ParticleStore.open(store_path, mode="r+", storage_options=storage_options)
     attrs = store.attrs
     provenance = dict(attrs.get("provenance", {}))
     if "noise_sigma" not in provenance:

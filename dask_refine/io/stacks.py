@@ -7,14 +7,13 @@ a stack is read through a memory map, so only one store chunk of images is in me
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 from .mrc import StackReader
-from .store import ParticleStore
+from .store import ParticleStore, remove_store
 
 
 def resolve_image_path(file: str, metadata_path: Path, images_root=None,
@@ -108,16 +107,19 @@ def copy_images(store: ParticleStore, image_index: np.ndarray, image_files, reso
 def create_store_with_images(store_path, image_index: np.ndarray, image_files, resolved: dict,
                              box_size: int, pixel_size_A: float, chunk_size: int,
                              optics: list[dict], provenance: dict, where: str, field: str,
-                             first_image: int = 1, progress=None) -> ParticleStore:
-    """Create a new store and copy its images (:func:`copy_images`). If anything fails, the
-    half-made store (ours, never an input) is removed and the error re-raised."""
+                             first_image: int = 1, progress=None,
+                             storage_options: dict | None = None) -> ParticleStore:
+    """Create a new store (a folder or an fsspec URL) and copy its images
+    (:func:`copy_images`). If anything fails, the half-made store (ours, never an input) is
+    removed and the error re-raised."""
     store = ParticleStore.create(store_path, len(image_index), box_size, pixel_size_A, chunk_size,
-                                 optics=optics, provenance=provenance)
+                                 optics=optics, provenance=provenance,
+                                 storage_options=storage_options)
     try:
         copy_images(store, image_index, image_files, resolved, chunk_size, where, field,
                     first_image, progress)
     except BaseException:
-        shutil.rmtree(store_path, ignore_errors=True)
+        remove_store(store_path, storage_options)
         raise
     return store
 

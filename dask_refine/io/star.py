@@ -139,8 +139,10 @@ def _parse_image_names(names, where) -> tuple[np.ndarray, list[str]]:
 
 
 def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: float | None = None,
-                images_root=None, seed: int = 0, progress=None) -> ParticleStore:
-    """Import a RELION STAR file and its image stacks into a new particle store."""
+                images_root=None, seed: int = 0, progress=None,
+                storage_options: dict | None = None) -> ParticleStore:
+    """Import a RELION STAR file and its image stacks into a new particle store (a folder or
+    an fsspec URL; ``storage_options`` for the URL, see :class:`ParticleStore`)."""
     star_path = Path(star_path)
     where = str(star_path)
     optics, particles = read_star(star_path)
@@ -185,7 +187,8 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
         optics=optics_groups(meta, oidx),
         provenance={"created_by": "dask_refine.import_star", "star_file": str(star_path.resolve()),
                     "star_version": "3.0" if optics is None else "3.1"},
-        where=where, field="rlnImageName", first_image=1, progress=progress)
+        where=where, field="rlnImageName", first_image=1, progress=progress,
+        storage_options=storage_options)
     for name, values in meta.items():
         store.write_column(name, values)
     for label in particles.columns:

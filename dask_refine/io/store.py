@@ -15,10 +15,20 @@ Layout (DESIGN §4)::
 ``rotation`` holds RELION matrices (DESIGN §2); ``shift_A`` holds RELION's origin
 (rlnOriginXAngst, rlnOriginYAngst): the particle is centred by translating the image by +shift.
 Stores are opened read-only by jobs; the input is never modified.
+
+A store may live on an object store: any fsspec URL (``s3://bucket/p.zarr``, ``gs://…``) is handed
+to zarr's own fsspec support (``zarr.storage.FsspecStore``) as it is; chunks are read from the
+object store on demand and never copied locally. Credentials and endpoints come from the standard
+places (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL``, ``~/.aws``, instance
+roles, fsspec's config) or an explicit ``storage_options`` dict. The Dask graph holds the zarr
+array, which pickles as the URL plus its options: each worker re-opens the object store itself, so
+workers need the same credentials (their own environment or IAM role; see docs/design-notes.md).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +66,58 @@ GROUND_TRUTH = "ground_truth"
 STAR_GROUP = "star"
 
 
+def is_url(path) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://…``, ``gs://…``, ``file://…``), not a local path.
+
+    URLs must stay strings: ``Path("s3://b/p.zarr")`` collapses the ``//``."""
+    return isinstance(path, str) and "://" in path
+
+
+def store_location(path) -> str:
+    """``path`` as zarr should see it: a URL unchanged, a local path as a plain string."""
+    return path if is_url(path) else os.fspath(path)
+
+
+def _filesystem(url: str, storage_options: dict | None):
+    """The fsspec filesystem and root path of ``url`` (a clear error when the backend is missing)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        raise InputError(url, f"{exc}; object-store URLs need the cloud extra: "
+                         "pip install 'dask-refine[cloud]'") from None
+    except ValueError as exc:  # fsspec: "Protocol not known: …"
+        raise InputError(url, f"not a usable store URL ({exc})") from None
+
+
+def _url_exists(url: str, storage_options: dict | None) -> bool:
+    fs, root = _filesystem(url, storage_options)
+    try:
+        return bool(fs.exists(root))
+    except Exception as exc:  # credentials, endpoint, network: say which store we could not reach
+        raise InputError(url, f"cannot reach the object store ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def _zarr_options(path, storage_options: dict | None) -> dict:
+    if storage_options and not is_url(path):
+        raise InputError(path, "storage_options are only used with an object-store URL")
+    return {"storage_options": storage_options} if is_url(path) else {}
+
+
+def remove_store(path, storage_options: dict | None = None) -> None:
+    """Delete a (half-made) store that we created: a local folder or everything under a URL."""
+    if is_url(path):
+        fs, root = _filesystem(path, storage_options)
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class StoreInfo:
     """Attributes of a particle store."""
@@ -67,26 +129,46 @@ class StoreInfo:
 
 
 class ParticleStore:
-    """A particle store on disk (or any path/URL zarr accepts). Use :meth:`create` / :meth:`open`."""
+    """A particle store on local disk or at an fsspec URL. Use :meth:`create` / :meth:`open`.
 
-    def __init__(self, group: zarr.Group, path):
+    ``path`` is kept exactly as given (a URL stays a URL) so that messages and job records name
+    the store as the user did."""
+
+    def __init__(self, group: zarr.Group, path, storage_options: dict | None = None):
         self.group = group
         self.path = path
+        self.storage_options = storage_options
+        # group name (None: top level) → its arrays, listed once: on an object store every
+        # listing costs a request per member, and jobs ask for columns many times
+        self._arrays: dict[str | None, dict[str, zarr.Array]] = {}
+
+    def _group_arrays(self, group: str | None = None) -> dict[str, zarr.Array]:
+        if group not in self._arrays:
+            g = self.group if group is None else self.group.get(group)
+            self._arrays[group] = {} if g is None else dict(g.arrays())
+        return self._arrays[group]
 
     # ---- creation and opening -------------------------------------------------------------
     @classmethod
     def create(cls, path, n_particles: int, box_size: int, pixel_size_A: float,
                chunk_size: int = 1000, optics: list[dict] | None = None,
-               provenance: dict | None = None) -> "ParticleStore":
-        """Create a new, empty store (refuses to overwrite an existing path)."""
-        if Path(str(path)).exists():
+               provenance: dict | None = None,
+               storage_options: dict | None = None) -> "ParticleStore":
+        """Create a new, empty store (refuses to overwrite an existing path or URL).
+
+        ``path``: a local folder or an fsspec URL; ``storage_options``: fsspec options for a URL
+        (endpoint, credentials, …), by default taken from the environment."""
+        exists = (_url_exists(path, storage_options) if is_url(path)
+                  else Path(path).exists())
+        if exists:
             raise InputError(path, "already exists; choose a new store path (inputs are never "
                              "overwritten)")
         if n_particles < 1:
             raise InputError(path, "no particles to store (expected at least 1)")
         if box_size % 2:
             raise InputError(path, f"box size {box_size} is odd; expected an even box")
-        group = zarr.open_group(str(path), mode="w-")
+        group = zarr.open_group(store_location(path), mode="w-",
+                                **_zarr_options(path, storage_options))
         group.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "n_particles": int(n_particles), "box_size": int(box_size),
@@ -96,37 +178,43 @@ class ParticleStore:
         chunk = int(max(1, min(chunk_size, n_particles)))
         group.create_array("images", shape=(n_particles, box_size, box_size),
                            chunks=(chunk, box_size, box_size), dtype="float32")
-        return cls(group, path)
+        return cls(group, path, storage_options)
 
     @classmethod
-    def open(cls, path, mode: str = "r") -> "ParticleStore":
-        """Open an existing store; ``mode='r'`` (default) guarantees it is not modified."""
-        if "://" not in str(path) and not Path(str(path)).exists():
+    def open(cls, path, mode: str = "r", storage_options: dict | None = None) -> "ParticleStore":
+        """Open an existing store (a local folder or an fsspec URL, see :meth:`create`);
+        ``mode='r'`` (default) guarantees it is not modified."""
+        exists = (_url_exists(path, storage_options) if is_url(path)
+                  else Path(path).exists())
+        if not exists:
             raise InputError(path, "no such particle store")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(store_location(path), mode=mode,
+                                    **_zarr_options(path, storage_options))
+        except InputError:
+            raise
         except Exception as exc:  # zarr raises several types for a non-store path
             raise InputError(path, f"not a Zarr particle store ({exc})") from None
         if group.attrs.get("format") != FORMAT:
             raise InputError(path, f"attribute 'format' is {group.attrs.get('format')!r}; "
                              f"expected {FORMAT!r} (create stores with dask-refine simulate or "
                              "import-star)")
-        store = cls(group, path)
+        store = cls(group, path, storage_options)
         store._validate()
         return store
 
     def _validate(self) -> None:
         info = self.info
-        if "images" not in self.group.array_keys():
+        if "images" not in self._group_arrays():
             raise InputError(self.path, "has no 'images' array")
-        shape = self.group["images"].shape
+        shape = self.images.shape
         if shape != (info.n_particles, info.box_size, info.box_size):
             raise InputError(f"{self.path}/images", f"shape is {shape}; expected "
                              f"({info.n_particles}, {info.box_size}, {info.box_size})")
         if info.n_particles == 0:
             raise InputError(self.path, "the store is empty (0 particles)")
         for name in self.columns():
-            n = self.group[name].shape[0]
+            n = self._group_arrays()[name].shape[0]
             if n != info.n_particles:
                 raise InputError(f"{self.path}/{name}", f"has {n} rows; expected "
                                  f"{info.n_particles} (one per particle)")
@@ -140,15 +228,21 @@ class ParticleStore:
     def info(self) -> StoreInfo:
         a = self.group.attrs
         return StoreInfo(int(a["n_particles"]), int(a["box_size"]), float(a["pixel_size_A"]),
-                         int(self.group["images"].chunks[0]))
+                         int(self.images.chunks[0]))
 
     # ---- images -------------------------------------------------------------------------------
     @property
     def images(self) -> zarr.Array:
-        return self.group["images"]
+        arrays = self._group_arrays()
+        if "images" not in arrays:
+            raise InputError(self.path, "has no 'images' array")
+        return arrays["images"]
 
     def images_dask(self, chunk_size: int | None = None):
-        """The image stack as a lazy Dask array ``(N, D, D)`` (``dask.array.from_zarr``)."""
+        """The image stack as a lazy Dask array ``(N, D, D)`` (``dask.array.from_zarr``).
+
+        Each chunk task reads its images itself: the graph carries the zarr array, which pickles
+        as its location (a folder, or a URL with its storage options), never an open handle."""
         import dask.array as da
 
         arr = da.from_zarr(self.images)
@@ -161,19 +255,18 @@ class ParticleStore:
 
     # ---- columns ----------------------------------------------------------------------------
     def columns(self, group: str | None = None) -> list[str]:
-        g = self.group if group is None else self.group.get(group)
-        return [] if g is None else sorted(set(g.array_keys()) - {"images"})
+        return sorted(set(self._group_arrays(group)) - {"images"})
 
     def has_column(self, name: str, group: str | None = None) -> bool:
         return name in self.columns(group)
 
     def read_column(self, name: str, group: str | None = None, rows=slice(None)) -> np.ndarray:
         """Read a column (all rows, or ``rows``) into memory."""
-        g = self.group if group is None else self.group.get(group)
-        if g is None or name not in g.array_keys():
+        arrays = self._group_arrays(group)
+        if name not in arrays:
             where = f"{self.path}/{group + '/' if group else ''}{name}"
             raise InputError(where, "column not found in the particle store")
-        return np.asarray(g[name][rows])
+        return np.asarray(arrays[name][rows])
 
     def write_column(self, name: str, values, group: str | None = None) -> None:
         """Write a whole column (standard columns get their standard dtype)."""
@@ -195,6 +288,8 @@ class ParticleStore:
             arr = g.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
                                  chunks=(min(n, 100_000),) + values.shape[1:])
         arr[...] = values
+        if group in self._arrays:
+            self._arrays[group][name] = arr
 
     def metadata(self, names, rows=slice(None)) -> dict[str, np.ndarray]:
         """Several top-level columns at once (missing optional pose columns are left out)."""
