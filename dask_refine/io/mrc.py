@@ -26,7 +26,7 @@ def _open(path, mmap: bool):
             warnings.simplefilter("ignore", RuntimeWarning)
             opener = mrcfile.mmap if mmap else mrcfile.open
             return opener(path, mode="r", permissive=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, OverflowError) as exc:
         raise InputError(path, f"not a readable MRC file ({exc})") from None
 
 
