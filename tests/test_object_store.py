@@ -200,3 +200,13 @@ def test_unreachable_or_missing_backend_is_one_clear_error(tmp_path, monkeypatch
         ParticleStore.open("nosuchprotocol://b/p.zarr")
     with pytest.raises(InputError, match="only used with an object-store URL"):
         ParticleStore.create(tmp_path / "x.zarr", 4, 32, 1.0, storage_options={"anon": True})
+
+
+def test_outputs_at_a_url_are_refused_not_written_locally(tmp_path, monkeypatch):
+    """Outputs at URLs are not supported yet: a clear error, and no local folder "s3:/…"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="outputs at object-store URLs"):
+        run_reconstruct(ReconstructConfig(store="s3://b/p.zarr", out_dir="s3://b/out"))
+    with pytest.raises(InputError, match="outputs at object-store URLs"):
+        run_refine(RefineConfig(store="s3://b/p.zarr", initial_map="m.mrc", out_dir="s3://b/o"))
+    assert list(tmp_path.iterdir()) == []

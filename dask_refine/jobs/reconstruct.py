@@ -30,6 +30,7 @@ from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
 from ..parallel.mapreduce import backproject_graph
+from .checkpoint import output_dir
 from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 
@@ -189,6 +190,7 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     """
     t0 = time.perf_counter()
     check_symmetry(config.symmetry)
+    out = output_dir(config.out_dir)
     store = ParticleStore.open(config.store)
     info = store.info
     meta = load_pose_metadata(store, config.use_ctf)
@@ -200,7 +202,6 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     n_classes, class_note = 1, None
     if config.classes:
         groups, n_classes, class_note = _class_groups(config.classes, store, meta, groups)
-    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(config))
     log(f"reconstructing {info.n_particles} particles (box {info.box_size}, "

@@ -50,7 +50,7 @@ from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
 from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_iterations,
-                         iteration_dir, read_state)
+                         iteration_dir, output_dir, read_state)
 
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
@@ -362,11 +362,11 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     ``progress``: optional callable given each iteration's Dask future (e.g. a progress bar).
     """
     t_start = time.perf_counter()
+    out = output_dir(config.out_dir)
     store = ParticleStore.open(config.store)
     volumes = _check_inputs(config, store)
     info = store.info
     box, px = info.box_size, info.pixel_size_A
-    out = Path(config.out_dir)
     cfg_dict = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
     with RunLock(out):
         done = check_resumable(out, cfg_dict, config.resume, RESUME_KEYS)
