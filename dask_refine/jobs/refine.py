@@ -274,7 +274,11 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     reliable = state.r_align - config.alignment_margin_shells
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
                 max(2.0, reliable), n_classes, config.soft_classes)
-    settings = client.scatter(settings, broadcast=True) if client is not None else settings
+    # hash=False: fresh keys every iteration. With content-hashed keys, a setting equal to the
+    # last iteration's (the pixel size, a flag) gets the same key while that key is being
+    # released, and the scheduler can lose it ("lost dependencies").
+    if client is not None:
+        settings = client.scatter(settings, broadcast=True, hash=False)
     step_meta = {k: meta[k] for k in CTF_PARAMETERS if k in meta}
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
