@@ -230,7 +230,7 @@ def _edit_table(t: np.ndarray, op: str, k: int, a: int, b: int) -> np.ndarray:
     return t
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=150)
 @given(ops=st.lists(cs_edit, max_size=5))
 def test_fuzzed_cs_fields(seeds, ops):
     """Fields dropped, retyped, renamed or set to bad values (NaN, huge, negative, bad paths),
