@@ -1,6 +1,7 @@
 """Non-uniform (adaptive local) regularisation."""
 
 import numpy as np
+import pytest
 
 from dask_refine.core.filters import apply_shell_filter, lowpass_filter
 from dask_refine.core.fsc import fsc
@@ -91,6 +92,8 @@ def test_non_uniform_refinement_writes_nu_map_and_local_resolution(tmp_path, dem
     assert (tmp_path / "nu" / "map_nu.mrc").exists()
 
 
+# ~80 s on 2 cores; the NU kernel test and the NU job-output test run by default
+@pytest.mark.slow
 def test_non_uniform_beats_homogeneous_on_a_flexible_domain(tmp_path, demo_map):
     from dask_refine.io.mrc import read_map
     from dask_refine.jobs.refine import RefineConfig, run_refine

@@ -93,6 +93,8 @@ def test_reconstruct_through_a_scheduler_address_equals_the_embedded_cluster(clu
         np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-5 * np.abs(local).max())
 
 
+# ~45 s; the reconstruct-through-a-scheduler test runs by default
+@pytest.mark.slow
 def test_refine_on_a_real_cluster_with_workers_joining_and_leaving(cluster, dataset, tmp_path):
     """``refine --scheduler``: after the first iteration a third worker joins, after the second
     one of the first two leaves; the result is the embedded cluster's."""
