@@ -104,6 +104,8 @@ def test_search_with_noise_and_trace(small_map):
             assert lv["true_errors"].shape == lv["bounds"].shape == lv["kept"].shape == (n,)
             assert lv["rotations"].shape == (n, 3, 3) and lv["kept"].sum() == lv["n_kept"]
             assert np.all(lv["bounds"] <= lv["true_errors"] * (1 + 1e-9) + 1e-6)
+            kept = lv["kept"]  # survivors are within the best true error plus their margin
+            assert np.all(lv["bounds"][kept] <= lv["best_true"] + lv["margins"][kept] + 1e-9)
         assert levels[-1]["evaluations"] <= evals
         # the returned pose is the best true error among the last level's survivors
         assert np.isclose(levels[-1]["final_errors"].min(), res.error[b])

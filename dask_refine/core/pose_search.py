@@ -214,7 +214,9 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     ``trace=True`` records, per particle, one dict per level: ``level``, ``band`` (the band
     limit L, Fourier pixels), ``n_candidates``, ``n_kept``, ``bounds`` (the lower bound of every
     candidate), ``true_errors`` (E_{r_align} of every candidate, computed for the trace only),
-    ``kept`` (bool mask of the candidates carried to the next level), ``rotations`` and
+    ``kept`` (bool mask of the candidates carried to the next level: bound ≤ best_true +
+    margin, at most ``max_candidates`` of them), ``margins`` (each candidate's grid margin),
+    ``rotations`` and
     ``origins_px`` of the candidates, ``best_true`` / ``best_bound`` (the best-bound candidate's
     true error and bound), ``evaluations`` (cumulative count, trace-only errors excluded) and,
     at the last level, ``final_errors`` (true errors of the survivors). Every bound is ≤ its
@@ -286,7 +288,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
             if trace:
                 levels.append(_trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot,
                                            pair_origin, bound, keep, e_star, star, evals,
-                                           bands[lvl]))
+                                           bands[lvl], params.margin_fraction * energy))
             if lvl == last:
                 # final decision: the true error of every surviving pair
                 kr, inv = np.unique(pair_rot[keep], return_inverse=True)
@@ -329,7 +331,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
 
 
 def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin, bound, keep,
-                 e_star, star, evals, band) -> dict:
+                 e_star, star, evals, band, margins) -> dict:
     """One level of a search trace (see :func:`branch_and_bound`)."""
     rotations = so3_grid.cell_rotations(lvl, dirs, psis)
     true_slices = _slices(reference_rfft, p_true.d, rotations, p_true.kx, p_true.ky)
@@ -337,7 +339,7 @@ def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin,
     kept = np.zeros(bound.size, dtype=bool)
     kept[keep] = True
     return dict(level=lvl, band=band, n_candidates=int(bound.size), n_kept=int(keep.size),
-                bounds=bound.copy(), true_errors=true_errors, kept=kept,
+                bounds=bound.copy(), true_errors=true_errors, kept=kept, margins=margins.copy(),
                 rotations=rotations[pair_rot], origins_px=pair_origin.copy(), best_true=e_star,
                 best_bound=float(bound[star]), evaluations=int(evals))
 
