@@ -19,3 +19,19 @@ def true_pose_sums(store, pixel_size_A: float) -> FourierSums:
         meta[k] = store.read_column(k, group=GROUND_TRUTH)
     return backproject_particles(FourierSums.zeros(2, store.info.box_size), store.images[:], meta,
                                  meta["half_set"], pixel_size_A)
+
+
+def small_refine_dataset(root, demo_map, n_particles: int, chunk_size: int,
+                         write_poses: bool = False):
+    """A box-32 refinement dataset in ``root``: ``initial.mrc`` (the demo map at 4 Å/px) and
+    ``p.zarr`` (SNR 1, seed 8). Returns the store."""
+    from dask_refine.io.mrc import write_map
+    from dask_refine.io.simulate import SimulationConfig, simulate_store
+
+    volume, px = demo_map
+    small = downsample_to_32(volume)
+    write_map(root / "initial.mrc", small, 2 * px)
+    return simulate_store(small, 2 * px, root / "p.zarr",
+                          SimulationConfig(n_particles=n_particles, snr=1.0,
+                                           chunk_size=chunk_size, seed=8),
+                          write_poses=write_poses)

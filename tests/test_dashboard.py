@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 
 from dask_refine.core.rotations import euler_to_matrix
-from dask_refine.io.mrc import write_map
-from dask_refine.io.simulate import SimulationConfig, simulate_store
 from dask_refine.jobs.progress import central_slices, iteration_event, orientation_histogram
 from dask_refine.parallel.events import TOPIC, publish
 from dask_refine.ui import dashboard
-from helpers import downsample_to_32
+from helpers import small_refine_dataset
 
 
 def _volume(box=32, centre=(16, 16, 24)):
@@ -168,12 +166,8 @@ def _page_state(browser) -> dict:
 
 @pytest.fixture(scope="module")
 def browser_dataset(tmp_path_factory, demo_map):
-    volume, px = demo_map
     root = tmp_path_factory.mktemp("dashboard")
-    small = downsample_to_32(volume)
-    write_map(root / "initial.mrc", small, 2 * px)
-    simulate_store(small, 2 * px, root / "p.zarr",
-                   SimulationConfig(n_particles=200, snr=1.0, chunk_size=50, seed=8))
+    small_refine_dataset(root, demo_map, n_particles=200, chunk_size=50)
     return root
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dask_refine.io.mrc import read_map, write_map
-from dask_refine.io.simulate import SimulationConfig, simulate_store
+from dask_refine.io.mrc import read_map
 from dask_refine.jobs.refine import RefineConfig, run_refine
 from dask_refine.parallel.cluster import ClusterConfig
-from helpers import downsample_to_32
+from helpers import small_refine_dataset
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -62,14 +61,9 @@ def cluster(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, demo_map):
-    volume, px = demo_map
     root = tmp_path_factory.mktemp("real_cluster")
-    small = downsample_to_32(volume)
-    write_map(root / "initial.mrc", small, 2 * px)
-    store = simulate_store(small, 2 * px, root / "p.zarr",
-                           SimulationConfig(n_particles=160, snr=1.0, chunk_size=40, seed=8),
-                           write_poses=True)
-    return root, store
+    return root, small_refine_dataset(root, demo_map, n_particles=160, chunk_size=40,
+                                      write_poses=True)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from dask_refine.io.simulate import SimulationConfig, simulate_store
 from dask_refine.io.store import GROUND_TRUTH
 from dask_refine.jobs.reconstruct import reconstruct_halves_and_full
 from dask_refine.jobs.refine import RefineConfig, run_refine
-from helpers import downsample_to_32, true_pose_sums
+from helpers import small_refine_dataset, true_pose_sums
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,8 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory, demo_map):
-    volume, px = demo_map
     root = tmp_path_factory.mktemp("resume")
-    small = downsample_to_32(volume)
-    write_map(root / "initial.mrc", small, 2 * px)
-    store = simulate_store(small, 2 * px, root / "p.zarr",
-                           SimulationConfig(n_particles=160, snr=1.0, chunk_size=40, seed=8))
-    return root, store
+    return root, small_refine_dataset(root, demo_map, n_particles=160, chunk_size=40)
 
 
 def _refine_cmd(root, out, *extra):
