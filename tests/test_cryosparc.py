@@ -572,3 +572,57 @@ def test_cli_import_export_cs(tmp_path, rng, capsys):
     assert main(["import-cs", str(tmp_path / "none.cs"), str(tmp_path / "e.zarr")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such file" in err and "\n" not in err
+
+
+def test_cli_skip_bad_cs(tmp_path, rng, capsys):
+    """--skip-bad: particles with NaN/Inf pixels are left out of the store and listed (uid,
+    blob/path, blob/idx); export gives back exactly the other rows; the inputs are untouched."""
+    import mrcfile
+
+    cs, t, images = _cs_project(tmp_path, rng, n=20)
+    bad_rows, values = [1, 8, 13], [np.nan, np.inf, np.nan]
+    for row, value in zip(bad_rows, values):
+        path = tmp_path / "P7" / t["blob/path"][row].decode().lstrip(">")
+        with mrcfile.open(path, mode="r+") as m:
+            m.data[t["blob/idx"][row], 5, 5] = value
+    inputs = {p: p.read_bytes() for p in [cs, *(tmp_path / "P7" / "J3" / "extract").iterdir()]}
+    store = tmp_path / "c.zarr"
+
+    assert main(["import-cs", str(cs), str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "(row 2 of" in err and "--skip-bad" in err and not store.exists()
+
+    assert main(["import-cs", str(cs), str(store), "--skip-bad", "--chunk-size", "3"]) == 0
+    captured = capsys.readouterr()
+    listed = store / "skipped" / "particles.csv"
+    assert f"skipped 3 of 20 particles with NaN/Inf pixels; listed in {listed}" in captured.err
+    assert "imported 17 particles" in captured.out
+    keep = np.ones(20, bool)
+    keep[bad_rows] = False
+    s = ParticleStore.open(store)
+    assert s.info.n_particles == 17
+    np.testing.assert_array_equal(s.images[:], images[keep])
+    np.testing.assert_array_equal(s.read_column("half_set"), t["alignments3D/split"][keep])
+    table = pd.read_csv(listed)
+    assert list(table.columns) == ["input_row_1based", "uid", "blob/path", "blob/idx", "reason"]
+    assert list(table["input_row_1based"]) == [2, 9, 14]
+    assert list(table["uid"].astype(np.uint64)) == list(t["uid"][bad_rows])
+    assert list(table["blob/path"]) == [p.decode().lstrip(">") for p in t["blob/path"][bad_rows]]
+    assert list(table["blob/idx"]) == list(t["blob/idx"][bad_rows])
+    assert list(table["reason"]) == ["NaN pixels", "Inf pixels", "NaN pixels"]
+
+    assert main(["export-cs", str(store), str(tmp_path / "out.cs")]) == 0
+    back = np.load(tmp_path / "out.cs", allow_pickle=False)
+    assert back.dtype == t.dtype and len(back) == 17
+    _fields_identical(back, t[keep])
+    assert main(["export-star", str(store), str(tmp_path / "out.star")]) == 0
+    assert len(read_star(tmp_path / "out.star")[1]) == 17
+    assert all(p.read_bytes() == b for p, b in inputs.items())
+
+    for f in (tmp_path / "P7" / "J3" / "extract").iterdir():  # every particle bad
+        with mrcfile.open(f, mode="r+") as m:
+            m.data[:, 0, 0] = np.nan
+    assert main(["import-cs", str(cs), str(tmp_path / "e.zarr"), "--skip-bad"]) == 2
+    err = capsys.readouterr().err
+    assert "all 20 particles have NaN or Inf pixels" in err and not (tmp_path / "e.zarr").exists()

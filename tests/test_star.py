@@ -162,3 +162,84 @@ def test_export_simulated_store_writes_stack(tmp_path, demo_map):
     np.testing.assert_allclose(s2.read_column("scale"), s.read_column("scale"), rtol=1e-5)
     np.testing.assert_allclose(s2.read_column("shift_A"), s.read_column("shift_A"), atol=1e-5)
     assert isinstance(ParticleStore.open(tmp_path / "again.zarr"), ParticleStore)
+
+
+def _star_rows_equal(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Every column of ``want`` is in ``got`` with the same values (angles: the same rotation)."""
+    want = want.reset_index(drop=True)
+    assert list(got.columns)[: len(want.columns)] == list(want.columns)
+    for label in want.columns:
+        a, b = want[label], got[label]
+        if label.startswith("rlnAngle"):
+            continue
+        if a.dtype.kind in "if":
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=label)
+        else:
+            assert list(a.astype(str)) == list(b.astype(str)), label
+    np.testing.assert_allclose(
+        euler_to_matrix(got["rlnAngleRot"], got["rlnAngleTilt"], got["rlnAnglePsi"]),
+        euler_to_matrix(want["rlnAngleRot"], want["rlnAngleTilt"], want["rlnAnglePsi"]),
+        atol=1e-5)
+
+
+def test_skip_bad_leaves_out_and_lists_nan_inf_particles(tmp_path, rng, capsys):
+    import warnings
+
+    from dask_refine.ui.cli import main
+
+    star, stack, optics, particles = _relion31(tmp_path, rng, n=20)
+    bad_stack = stack.copy()
+    bad_stack[2, 3, 4] = np.nan
+    bad_stack[10, :, :] = np.nan
+    bad_stack[16, 0, 0] = -np.inf
+    mrcs = tmp_path / "Extract" / "job007" / "mic1.mrcs"
+    write_stack(mrcs, bad_stack, 1.25)
+    before, before_mrcs = star.read_bytes(), mrcs.read_bytes()
+    store = tmp_path / "p.zarr"
+
+    # without --skip-bad: one error naming the particle, suggesting the flag; no store
+    assert main(["import-star", str(star), str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "row 3 of" in err and "NaN or Inf" in err and "--skip-bad" in err
+    assert not store.exists()
+
+    # with it: the 17 good particles, the 3 bad ones listed
+    assert main(["import-star", str(star), str(store), "--skip-bad", "--chunk-size", "4"]) == 0
+    captured = capsys.readouterr()
+    listed = store / "skipped" / "particles.csv"
+    assert f"skipped 3 of 20 particles with NaN/Inf pixels; listed in {listed}" in captured.err
+    assert "imported 17 particles" in captured.out
+    keep = np.ones(20, bool)
+    keep[[2, 10, 16]] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the list is no stray file to Zarr
+        s = ParticleStore.open(store)
+    assert s.info.n_particles == 17 and s.images.shape == (17, 16, 16)
+    np.testing.assert_array_equal(s.images[:], stack[keep])
+    np.testing.assert_array_equal(s.read_column("half_set"),
+                                  particles["rlnRandomSubset"].to_numpy()[keep] - 1)
+    np.testing.assert_allclose(s.read_column("defocus_u_A"), particles["rlnDefocusU"][keep])
+    np.testing.assert_allclose(s.read_column("voltage_kV"),
+                               np.where(np.arange(20) % 2, 200.0, 300.0)[keep])
+    table = pd.read_csv(listed)
+    assert list(table.columns) == ["input_row_1based", "rlnImageName", "reason"]
+    assert list(table["input_row_1based"]) == [3, 11, 17]
+    assert list(table["rlnImageName"]) == list(particles["rlnImageName"][~keep])
+    assert list(table["reason"]) == ["NaN pixels", "NaN pixels", "Inf pixels"]
+    assert s.attrs["skipped_particles"]["count"] == 3
+
+    # export gives back exactly the kept rows; the inputs are untouched
+    out = tmp_path / "kept.star"
+    assert main(["export-star", str(store), str(out)]) == 0
+    optics2, particles2 = read_star(out)
+    assert len(particles2) == 17
+    _star_rows_equal(particles2, particles[keep])
+    pd.testing.assert_frame_equal(optics2, optics, check_dtype=False)
+    assert star.read_bytes() == before and mrcs.read_bytes() == before_mrcs
+
+    # every particle bad: a clear error, no store
+    write_stack(mrcs, np.full_like(stack, np.nan), 1.25)
+    with pytest.raises(InputError, match="all 20 particles have NaN or Inf pixels"):
+        import_star(star, tmp_path / "q.zarr", skip_bad=True)
+    assert not (tmp_path / "q.zarr").exists()

@@ -322,7 +322,7 @@ def _check_blob_shape(table, where, box: int) -> None:
 # ---- import -----------------------------------------------------------------------------------
 def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
               pixel_size_A: float | None = None, progress=None, seed: int = 0,
-              storage_options: dict | None = None) -> ParticleStore:
+              storage_options: dict | None = None, skip_bad: bool = False) -> ParticleStore:
     """Import a cryoSPARC ``.cs`` particle file and its MRC stacks into a new particle store
     (a folder or an fsspec URL; ``storage_options`` for the URL, see :class:`ParticleStore`).
 
@@ -331,25 +331,32 @@ def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
     Poses come from ``alignments3D/*`` when ``alignments3D/pose`` is present (module docstring);
     half sets from ``alignments3D/split``, else random and balanced (``seed``). Every field is
     also kept raw under ``cs/`` for :func:`export_cs`. ``progress``: callable ``(done, total)``.
+    ``skip_bad``: leave out particles whose image has NaN/Inf pixels (listed inside the store,
+    see :func:`.stacks.create_store_with_images`) instead of stopping with an error.
     """
     cs_path = Path(cs_path)
     where = str(cs_path)
     table = read_cs(cs_path)
-    n = len(table)
     angpix = _pixel_size_A(table, where, pixel_size_A)
     meta = _columns(table, where, angpix)
-    meta.setdefault("half_set", assign_half_sets(n, seed))
     image_index, image_files = _image_refs(table, where)
     resolved = resolve_stacks(image_files, cs_path, images_root, field="blob/path")
     box = stack_box_size(resolved[image_files[0]])
     _check_blob_shape(table, where, box)
-    store = create_store_with_images(
+    refs = {"uid": table["uid"]} if "uid" in (table.dtype.names or ()) else {}
+    refs.update({"blob/path": image_files, "blob/idx": image_index})
+    store, keep = create_store_with_images(
         store_path, image_index, image_files, resolved, box, angpix, chunk_size,
         optics=optics_groups(meta, meta["optics_group"] - 1),
         provenance={"created_by": "dask_refine.import_cs", "cs_file": str(cs_path.resolve())},
         where=where, field="blob/idx", first_image=0, progress=progress,
-        storage_options=storage_options)
+        storage_options=storage_options, skip_bad=skip_bad, refs=refs)
     try:
+        if not keep.all():  # particles left out (skip_bad): the others' rows only
+            meta = {name: values[keep] for name, values in meta.items()}
+            table = table[keep]
+            store.group.attrs["optics"] = optics_groups(meta, meta["optics_group"] - 1)
+        meta.setdefault("half_set", assign_half_sets(len(table), seed))
         for name, values in meta.items():
             store.write_column(name, values)
         _write_raw(store, table)

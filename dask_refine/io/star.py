@@ -140,9 +140,12 @@ def _parse_image_names(names, where) -> tuple[np.ndarray, list[str]]:
 
 def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: float | None = None,
                 images_root=None, seed: int = 0, progress=None,
-                storage_options: dict | None = None) -> ParticleStore:
+                storage_options: dict | None = None, skip_bad: bool = False) -> ParticleStore:
     """Import a RELION STAR file and its image stacks into a new particle store (a folder or
-    an fsspec URL; ``storage_options`` for the URL, see :class:`ParticleStore`)."""
+    an fsspec URL; ``storage_options`` for the URL, see :class:`ParticleStore`).
+
+    ``skip_bad``: leave out particles whose image has NaN/Inf pixels (listed inside the store,
+    see :func:`.stacks.create_store_with_images`) instead of stopping with an error."""
     star_path = Path(star_path)
     where = str(star_path)
     optics, particles = read_star(star_path)
@@ -159,8 +162,6 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
         if not np.isin(subset, (1, 2)).all():
             raise InputError(f"{where}: field rlnRandomSubset", "expected 1 or 2")
         meta["half_set"] = (subset - 1).astype(np.int8)
-    else:
-        meta["half_set"] = assign_half_sets(n, seed)
     angpix = _pixel_size_A(particles, optics, where, oidx, pixel_size_A)
     if all(a in particles.columns for a in ANGLES):
         angles = [_numeric(particles, a, where) for a in ANGLES]
@@ -182,17 +183,23 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
     box = stack_box_size(resolved[image_files[0]])
 
     optics_records = [] if optics is None else optics.to_dict(orient="records")
-    store = create_store_with_images(
+    store, keep = create_store_with_images(
         store_path, image_index, image_files, resolved, box, angpix, chunk_size,
         optics=optics_groups(meta, oidx),
         provenance={"created_by": "dask_refine.import_star", "star_file": str(star_path.resolve()),
                     "star_version": "3.0" if optics is None else "3.1"},
         where=where, field="rlnImageName", first_image=1, progress=progress,
-        storage_options=storage_options)
+        storage_options=storage_options, skip_bad=skip_bad,
+        refs={"rlnImageName": particles["rlnImageName"].to_numpy()})
+    if not keep.all():  # particles left out (skip_bad): the others' rows only
+        meta = {name: values[keep] for name, values in meta.items()}
+        store.group.attrs["optics"] = optics_groups(meta, oidx[keep])
+    if "half_set" not in meta:
+        meta["half_set"] = assign_half_sets(int(keep.sum()), seed)
     for name, values in meta.items():
         store.write_column(name, values)
     for label in particles.columns:
-        values = particles[label].to_numpy()
+        values = particles[label].to_numpy()[keep]
         if values.dtype.kind not in "iuf":
             values = values.astype(str)
         store.write_column(label, values, group=STAR_GROUP)

@@ -35,6 +35,16 @@ def _progress(label: str):
     return report
 
 
+def _report_skipped(store) -> None:
+    """One line on stderr when an import left out particles (``--skip-bad``)."""
+    skipped = store.attrs.get("skipped_particles")
+    if skipped:
+        print(f"skipped {skipped['count']:,} of {skipped['of']:,} particles with NaN/Inf "
+              f"pixels; listed in {skipped['location']}", file=sys.stderr, flush=True)
+
+
+SKIP_BAD_HELP = ("leave out particles whose image has NaN/Inf pixels (listed in "
+                 "STORE/skipped/particles.csv) instead of stopping with an error")
 STORE_HELP = "particle store (a Zarr folder, or an fsspec URL such as s3://bucket/p.zarr)"
 NEW_STORE_HELP = "new particle store to create (a Zarr folder, or an fsspec URL)"
 EXIT_STATUS = """exit status:
@@ -168,7 +178,9 @@ def cmd_import_star(args) -> int:
     from ..io.star import import_star
 
     store = import_star(args.star, args.store, args.chunk_size, args.pixel_size_A,
-                        args.images_root, progress=_progress("importing"))
+                        args.images_root, progress=_progress("importing"),
+                        skip_bad=args.skip_bad)
+    _report_skipped(store)
     info = store.info
     print(f"imported {info.n_particles} particles (box {info.box_size}, "
           f"{info.pixel_size_A:g} Å/px) into {args.store}")
@@ -188,7 +200,8 @@ def cmd_import_cs(args) -> int:
     from ..io.cryosparc import import_cs
 
     store = import_cs(args.cs, args.store, args.chunk_size, args.images_root, args.pixel_size_A,
-                      progress=_progress("importing"))
+                      progress=_progress("importing"), skip_bad=args.skip_bad)
+    _report_skipped(store)
     info = store.info
     print(f"imported {info.n_particles} particles (box {info.box_size}, "
           f"{info.pixel_size_A:g} Å/px) into {args.store}")
@@ -326,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size-A", type=float, metavar="Å",
                    help="override the STAR file's pixel size, in Å")
     p.add_argument("--images-root", help="folder the rlnImageName paths are relative to")
+    p.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     p.set_defaults(func=cmd_import_star)
 
     p = sub.add_parser("export-star", help="write a store's particles and poses as RELION 3.1 STAR")
@@ -343,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the .cs pixel size (blob/psize_A), in Å")
     p.add_argument("--images-root", help="folder the blob/path entries are relative to (the "
                    "cryoSPARC project folder; default: the .cs file's folder and its parents)")
+    p.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     p.set_defaults(func=cmd_import_cs)
 
     p = sub.add_parser("export-cs", help="write a store's particles and poses as a cryoSPARC .cs")
