@@ -432,10 +432,7 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     info = store.info
     n = info.n_particles
     px = info.pixel_size_A
-    poses = dict(poses or {})
-    for name in ("rotation", "shift_A", "scale", "class_id"):
-        if name not in poses and store.has_column(name):
-            poses[name] = store.read_column(name)
+    poses = store.poses(poses)
     current = {name: store.read_column(name) for name in (*CTF_FIELDS, "optics_group",
                                                            "half_set")}
     current.update(poses)

@@ -224,10 +224,7 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
     info = store.info
     n = info.n_particles
     attrs = store.attrs
-    poses = dict(poses or {})
-    for name in ("rotation", "shift_A", "scale", "class_id"):
-        if name not in poses and store.has_column(name):
-            poses[name] = store.read_column(name)
+    poses = store.poses(poses)
 
     columns: dict[str, np.ndarray] = {}
     for label in attrs.get("star_columns", []):

@@ -63,6 +63,7 @@ CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_d
 POSE_COLUMNS = ("rotation", "shift_A", "scale")
 REQUIRED_COLUMNS = CTF_COLUMNS + ("half_set",)
 GROUND_TRUTH = "ground_truth"
+POSE_COLUMNS = ("rotation", "shift_A", "scale", "class_id")  # what a job refines and exports
 STAR_GROUP = "star"
 
 
@@ -295,6 +296,16 @@ class ParticleStore:
         """Several top-level columns at once (missing optional pose columns are left out)."""
         return {name: self.read_column(name, rows=rows) for name in names
                 if self.has_column(name)}
+
+    def poses(self, overrides: dict | None = None) -> dict[str, np.ndarray]:
+        """Pose columns for an export: ``overrides`` (e.g. a job's refined ``rotation``,
+        ``shift_A``, ``scale``, ``class_id``) completed by the store's own columns of those
+        names."""
+        poses = dict(overrides or {})
+        for name in POSE_COLUMNS:
+            if name not in poses and self.has_column(name):
+                poses[name] = self.read_column(name)
+        return poses
 
 
 def assign_half_sets(n_particles: int, seed: int = 0) -> np.ndarray:

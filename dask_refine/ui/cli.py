@@ -174,47 +174,48 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_import_star(args) -> int:
-    from ..io.star import import_star
-
-    store = import_star(args.star, args.store, args.chunk_size, args.pixel_size_A,
-                        args.images_root, progress=_progress("importing"),
-                        skip_bad=args.skip_bad)
+def _imported(store, where: str) -> int:
+    """The import commands' last lines: skipped particles (if any), then the result."""
     _report_skipped(store)
     info = store.info
     print(f"imported {info.n_particles} particles (box {info.box_size}, "
-          f"{info.pixel_size_A:g} Å/px) into {args.store}")
+          f"{info.pixel_size_A:g} Å/px) into {where}")
     return 0
+
+
+def _exported(export, store_path: str, out: str) -> int:
+    from ..io.store import ParticleStore
+
+    print(f"wrote {export(ParticleStore.open(store_path), out)}")
+    return 0
+
+
+def cmd_import_star(args) -> int:
+    from ..io.star import import_star
+
+    return _imported(import_star(args.star, args.store, args.chunk_size, args.pixel_size_A,
+                                 args.images_root, progress=_progress("importing"),
+                                 skip_bad=args.skip_bad), args.store)
 
 
 def cmd_export_star(args) -> int:
     from ..io.star import export_star
-    from ..io.store import ParticleStore
 
-    path = export_star(ParticleStore.open(args.store), args.star)
-    print(f"wrote {path}")
-    return 0
+    return _exported(export_star, args.store, args.star)
 
 
 def cmd_import_cs(args) -> int:
     from ..io.cryosparc import import_cs
 
-    store = import_cs(args.cs, args.store, args.chunk_size, args.images_root, args.pixel_size_A,
-                      progress=_progress("importing"), skip_bad=args.skip_bad)
-    _report_skipped(store)
-    info = store.info
-    print(f"imported {info.n_particles} particles (box {info.box_size}, "
-          f"{info.pixel_size_A:g} Å/px) into {args.store}")
-    return 0
+    return _imported(import_cs(args.cs, args.store, args.chunk_size, args.images_root,
+                               args.pixel_size_A, progress=_progress("importing"),
+                               skip_bad=args.skip_bad), args.store)
 
 
 def cmd_export_cs(args) -> int:
     from ..io.cryosparc import export_cs
-    from ..io.store import ParticleStore
 
-    path = export_cs(ParticleStore.open(args.store), args.cs)
-    print(f"wrote {path}")
-    return 0
+    return _exported(export_cs, args.store, args.cs)
 
 
 def cmd_reconstruct(args) -> int:
