@@ -299,8 +299,9 @@ def cmd_demo(args) -> int:
         config, client=client, log=lambda m: print(m, file=sys.stderr)))
     print(f"resolution {summary['resolution_A']:.2f} Å (FSC 0.143, gold standard) from "
           f"{summary['n_particles']} particles in {summary['time_s']:.1f} s")
+    width = max(map(len, summary["outputs"]))
     for key, path in summary["outputs"].items():
-        print(f"  {key:8s} {path}")
+        print(f"  {key:{width}s} {path}")
     return 0
 
 
