@@ -83,19 +83,22 @@ def test_killing_a_worker_mid_reduction_does_not_change_the_result(tmp_path, dem
     cfg = ReconstructConfig(store=str(big.path), out_dir="unused", chunk_size=8, n_chains=4)
     from dask_refine.parallel.mapreduce import backproject_graph
 
-    graph = backproject_graph(big.images_dask(8), {k: v for k, v in meta.items()
-                                                   if k != "half_set"},
-                              meta["half_set"].astype(int), 2, px, n_chains=cfg.n_chains)
+    graph = backproject_graph(big.images, {k: v for k, v in meta.items() if k != "half_set"},
+                              meta["half_set"].astype(int), 2, px, n_chains=cfg.n_chains,
+                              chunk_size=8)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         future = client.compute(graph)
 
-        def finished(dask_scheduler):
-            return sum(ts.state == "memory" for ts in dask_scheduler.tasks.values())
+        def finished(dask_scheduler):  # accumulation steps done so far (kept or released)
+            return sum(n for tg in dask_scheduler.task_groups.values()
+                       if "accumulate" in tg.name
+                       for state, n in tg.states.items() if state in ("memory", "released",
+                                                                      "forgotten"))
 
         deadline = time.time() + 60
-        while client.run_on_scheduler(finished) < 10 and time.time() < deadline:
+        while client.run_on_scheduler(finished) < 4 and time.time() < deadline:
             time.sleep(0.02)
         assert not future.done(), "the graph finished before the kill; make it larger"
         victim = sorted(pids)[0]
@@ -135,3 +138,34 @@ def test_embedded_cluster_binds_to_loopback():
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
         assert all(addr.startswith("tcp://127.0.0.1:") for addr in info["workers"])
         assert client.dashboard_link.startswith("http://127.0.0.1:")
+
+
+def test_reads_stay_at_most_one_chunk_ahead_of_each_chain(store):
+    """Chunk reads are quick and backprojections slow: unbounded, the reads would all run first
+    and the stack would pile up in worker memory. Each chain reads one chunk ahead at most."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from dask_refine.parallel.mapreduce import backproject_graph
+
+    class ReadsInMemory(SchedulerPlugin):
+        def __init__(self):
+            self.now = self.peak = 0
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if "read_rows" in str(key):
+                self.now += (finish == "memory") - (start == "memory")
+                self.peak = max(self.peak, self.now)
+
+    meta = load_pose_metadata(store, True)
+    n_chains, chunk = 2, 8
+    graph = backproject_graph(store.images, {k: v for k, v in meta.items() if k != "half_set"},
+                              meta["half_set"].astype(int), 2, store.info.pixel_size_A,
+                              n_chains=n_chains, chunk_size=chunk)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        plugin = ReadsInMemory()
+        cluster.scheduler.add_plugin(plugin)
+        sums = client.compute(graph).result()
+    assert store.info.n_particles // chunk >= 30
+    assert 1 <= plugin.peak <= 2 * n_chains, plugin.peak
+    _assert_same(sums, _in_memory(store))

@@ -92,13 +92,12 @@ def load_pose_metadata(store: ParticleStore, use_ctf: bool) -> dict[str, np.ndar
 def compute_sums(store: ParticleStore, meta: dict, groups: np.ndarray, n_groups: int,
                  config: ReconstructConfig, client) -> FourierSums:
     """Run the backprojection graph on ``client`` and return the reduced sums."""
-    images = store.images_dask(config.chunk_size)
     n_threads = sum(client.nthreads().values()) if client is not None else 1
     graph = backproject_graph(
-        images, {k: v for k, v in meta.items() if k != "half_set"}, groups, n_groups,
+        store.images, {k: v for k, v in meta.items() if k != "half_set"}, groups, n_groups,
         store.info.pixel_size_A, config.pad, config.use_ctf,
         n_chains=config.n_chains or max(1, n_threads), split_every=config.split_every,
-        source=str(store.path))
+        source=str(store.path), chunk_size=config.chunk_size)
     if client is None:
         return graph.compute(scheduler="sync")
     return client.compute(graph).result()

@@ -285,9 +285,10 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     if params.local:
         step_meta["rotation"] = state.rotation
     n_threads = sum(client.nthreads().values()) if client is not None else 1
-    graph = refine_graph(store.images_dask(config.chunk_size), step_meta, groups, 2 * n_classes,
+    graph = refine_graph(store.images, step_meta, groups, 2 * n_classes,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
-                         split_every=config.split_every, source=str(store.path))
+                         split_every=config.split_every, source=str(store.path),
+                         chunk_size=config.chunk_size)
     t0 = time.perf_counter()
     if client is None:
         sums, results = graph.compute(scheduler="sync")

@@ -1,7 +1,7 @@
 """Map a backprojection over particle chunks and tree-reduce the Fourier sums (DESIGN §4).
 
-Graph shape: the image stack is read lazily from Zarr (``dask.array.from_zarr``); chunks are
-dealt to ``n_chains`` accumulation chains (a task adds one chunk to the sums it got from the
+Graph shape: the image stack is read from Zarr chunk by chunk by tasks on the workers, each
+chain at most one chunk ahead of its backprojection; chunks are dealt to ``n_chains`` accumulation chains (a task adds one chunk to the sums it got from the
 previous task of its chain, so each chain holds one set of sums, not one per chunk); the chains'
 sums are then summed by a tree of fan-in ``split_every``. Data moved by the reduction is
 O(n_chains × volume). The result does not depend on chunk size or worker count beyond float
@@ -10,11 +10,21 @@ rounding.
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
+from dask.sizeof import sizeof
 
 from ..core.backprojection import FourierSums, backproject_particles
 from ..core.refine_step import refine_particles
 from ..io.errors import InputError
+
+
+@sizeof.register(FourierSums)
+def _sizeof_sums(sums: FourierSums) -> int:
+    """Dask's size of the sums (its default, ~56 bytes for an unknown object, would hide the
+    largest objects of a job from the scheduler's placement and memory accounting)."""
+    return int(sums.data.nbytes + sums.weight.nbytes + np.asarray(sums.count).nbytes)
 
 
 def _accumulate(sums, images, meta, groups, n_groups, box_size, pad, pixel_size_A, use_ctf,
@@ -75,46 +85,81 @@ def tree_reduce(items, combine, split_every: int):
     return level[0]
 
 
-def chained_map_reduce(images_dask, meta: dict, groups: np.ndarray, accumulate, extra_args: tuple,
-                       combine, n_chains: int = 4, split_every: int = 4):
+def _read_rows(images, start: int, stop: int, *after):
+    """Rows ``start:stop`` of ``images`` (a zarr array: read on the worker). ``after``: states the
+    read waits for (see :func:`chained_map_reduce`), unused."""
+    return np.asarray(images[start:stop])
+
+
+def chunk_bounds(n: int, chunk_size: int) -> np.ndarray:
+    """Row boundaries ``[0, c, 2c, …, n]`` of chunks of ``chunk_size`` rows."""
+    return np.unique(np.append(np.arange(0, n, max(1, int(chunk_size))), n))
+
+
+def chained_map_reduce(images, meta: dict, groups: np.ndarray, accumulate, extra_args: tuple,
+                       combine, n_chains: int = 4, split_every: int = 4,
+                       chunk_size: int | None = None):
     """Deal image chunks to ``n_chains`` accumulation chains, then tree-reduce the chains.
 
     Each chain task calls ``accumulate(state, block, meta_rows, group_rows, *extra_args,
     first_index)`` with the previous task's state (None for the first) and returns the new state;
     the chains' final states are combined with ``combine(*states)``.
+
+    ``images``: the stack as a zarr array (or any array that slices lazily), read in chunks of
+    ``chunk_size`` rows (default: its own chunks) by tasks on the workers. The read of a chain's
+    k-th chunk waits for the chain's state k − 2, so each chain reads one chunk ahead of its
+    backprojection and no further: reads are quick and would otherwise all run first and pile
+    up in worker memory (the stack must never be loaded whole). A Dask array is read block by
+    block without that bound (small in-memory stacks only).
     """
     from dask import delayed
 
-    blocks = images_dask.to_delayed().ravel()
-    bounds = np.cumsum((0,) + images_dask.chunks[0])
-    n_chains = max(1, min(n_chains, len(blocks)))
-    chains = [None] * n_chains
+    if hasattr(images, "dask"):  # a Dask array: its own block tasks
+        blocks = list(images.to_delayed().ravel())
+        bounds = np.cumsum((0,) + images.chunks[0])
+    else:
+        size = chunk_size or (images.chunks[0] if hasattr(images, "chunks") else len(images))
+        bounds = chunk_bounds(images.shape[0], size)
+        source = delayed(images, name=f"particle-images-{uuid.uuid4().hex}", traverse=False)
+        blocks = None
+    n_blocks = len(bounds) - 1
+    n_chains = max(1, min(n_chains, n_blocks))
+    history: list[list] = [[] for _ in range(n_chains)]
     acc = delayed(accumulate)
-    for i, block in enumerate(blocks):
+    read = delayed(_read_rows, pure=True)
+    for i in range(n_blocks):
         rows = slice(int(bounds[i]), int(bounds[i + 1]))
         c = i % n_chains
-        chains[c] = acc(chains[c], block, {k: v[rows] for k, v in meta.items()}, groups[rows],
-                        *extra_args, rows.start)
-    return tree_reduce(chains, combine, split_every)
+        states = history[c]
+        if blocks is not None:
+            block = blocks[i]
+        else:
+            block = read(source, rows.start, rows.stop, *states[-2:-1])
+        states.append(acc(states[-1] if states else None, block,
+                          {k: v[rows] for k, v in meta.items()}, groups[rows], *extra_args,
+                          rows.start))
+    return tree_reduce([states[-1] for states in history], combine, split_every)
 
 
-def backproject_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int,
+def backproject_graph(images, meta: dict, groups: np.ndarray, n_groups: int,
                       pixel_size_A: float, pad: int = 2, use_ctf: bool = True,
                       r_max: float | None = None, n_chains: int = 4, split_every: int = 4,
-                      source: str = "store"):
+                      source: str = "store", chunk_size: int | None = None):
     """Delayed graph whose result is the :class:`FourierSums` of all particles.
 
-    ``images_dask``: ``(N, D, D)`` Dask array chunked along particles; ``meta``: in-memory
+    ``images``: the ``(N, D, D)`` stack, a zarr array read in chunks of ``chunk_size`` (see
+    :func:`chained_map_reduce`); ``meta``: in-memory
     per-particle columns (``rotation``, ``shift_A``, optional ``scale``, CTF columns) sliced per
     chunk into the graph; ``groups``: ``(N,)`` group index per particle.
     """
-    extra = (n_groups, images_dask.shape[-1], pad, pixel_size_A, use_ctf, r_max, source)
-    return chained_map_reduce(images_dask, meta, groups, _accumulate, extra, _sum, n_chains,
-                              split_every)
+    extra = (n_groups, images.shape[-1], pad, pixel_size_A, use_ctf, r_max, source)
+    return chained_map_reduce(images, meta, groups, _accumulate, extra, _sum, n_chains,
+                              split_every, chunk_size)
 
 
-def refine_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int, settings,
-                 pad: int = 2, n_chains: int = 4, split_every: int = 4, source: str = "store"):
+def refine_graph(images, meta: dict, groups: np.ndarray, n_groups: int, settings,
+                 pad: int = 2, n_chains: int = 4, split_every: int = 4, source: str = "store",
+                 chunk_size: int | None = None):
     """Delayed graph of one refinement E-step over all chunks.
 
     ``settings`` = ``(references, envelopes, noise_weight, params, pixel_size_A,
@@ -122,6 +167,6 @@ def refine_graph(images_dask, meta: dict, groups: np.ndarray, n_groups: int, set
     worker (the references are large).
     The result is ``(FourierSums, [(first_index, StepResult), …])``.
     """
-    extra = (n_groups, images_dask.shape[-1], pad, settings, source)
-    return chained_map_reduce(images_dask, meta, groups, _refine_accumulate, extra,
-                              _refine_combine, n_chains, split_every)
+    extra = (n_groups, images.shape[-1], pad, settings, source)
+    return chained_map_reduce(images, meta, groups, _refine_accumulate, extra,
+                              _refine_combine, n_chains, split_every, chunk_size)
