@@ -322,7 +322,7 @@ def recon_once(client, store, instrument=True, split_every=4, read_in_task=False
     groups = meta["half_set"].astype(np.int64)
     t_meta = time.perf_counter() - t0
     t0 = time.perf_counter()
-    images = store.images_dask()
+    images = store.images  # the jobs pass the zarr array: gated reads (parallel.mapreduce)
     if read_in_task:
         graph = read_in_task_graph(store, {k: v for k, v in meta.items() if k != "half_set"},
                                    groups, n_threads, split_every)
@@ -346,7 +346,7 @@ def recon_once(client, store, instrument=True, split_every=4, read_in_task=False
     reconstruct_halves_and_full(sums, info.box_size, info.pixel_size_A)
     t_mstep = time.perf_counter() - t0
     n = info.n_particles
-    n_chunks = len(images.chunks[0])
+    n_chunks = -(-info.n_particles // info.chunk_size)
     n_chains = max(1, min(n_threads, n_chunks))
     ts_sum = task_stream_summary(ts.data, t_compute, n_threads)
     n_reduce = ts_sum["by_prefix"].get("sum", {}).get("n", 0)
