@@ -269,6 +269,13 @@ def cluster(n_workers: int, memory_limit: str):
     return c, Client(c)
 
 
+def sized_store(base, n: int, work: Path, timings: dict):
+    """``base`` tiled up to ``n`` particles, or its first ``n``."""
+    if n > base.info.n_particles:
+        return tiled_store(base, n, work, timings)
+    return _head(base, n, work, timings)
+
+
 def warm(client, store_warm):
     """Import and JIT the kernels on every worker, and run one tiny map-reduce."""
     client.run(lambda: __import__("dask_refine.core._numba_kernels"))
@@ -494,21 +501,25 @@ def main():
                                               write_poses=True)
         return warm_stores[box]
 
+    def on_fresh_cluster(n_workers, memory_limit, box, run):
+        """``run(client)`` on a new cluster, warmed up at ``box``; closed afterwards."""
+        c, client = cluster(n_workers, memory_limit)
+        try:
+            warm(client, warm_store(box))
+            return run(client)
+        finally:
+            client.close()
+            c.close()
+
     # --- reconstruction vs N
     if args.recon_n:
         print(f"reconstruction, box {args.box}", flush=True)
         base = base_store(args.box, min(args.base_n, max(args.recon_n)), args.chunk, work,
                           res["setup"])
         for n in args.recon_n:
-            store = tiled_store(base, n, work, res["setup"]) if n > base.info.n_particles \
-                else _head(base, n, work, res["setup"])
-            c, client = cluster(args.workers, args.memory_limit)
-            try:
-                warm(client, warm_store(args.box))
-                r = recon_once(client, store)
-            finally:
-                client.close()
-                c.close()
+            store = sized_store(base, n, work, res["setup"])
+            r = on_fresh_cluster(args.workers, args.memory_limit, args.box,
+                                      lambda client: recon_once(client, store))
             res["recon"].append(r)
             print(f"  N={n:6d}: map-reduce {r['map_reduce_s']:.2f} s "
                   f"({r['particles_per_s']:.0f}/s), M-step {r['mstep_client_s']:.2f} s, "
@@ -522,15 +533,9 @@ def main():
         base = base_store(args.box, min(args.base_n, max(args.read_in_task_n)), args.chunk, work,
                           res["setup"])
         for n in args.read_in_task_n:
-            store = tiled_store(base, n, work, res["setup"]) if n > base.info.n_particles \
-                else _head(base, n, work, res["setup"])
-            c, client = cluster(args.workers, args.memory_limit)
-            try:
-                warm(client, warm_store(args.box))
-                r = recon_once(client, store, read_in_task=True)
-            finally:
-                client.close()
-                c.close()
+            store = sized_store(base, n, work, res["setup"])
+            r = on_fresh_cluster(args.workers, args.memory_limit, args.box,
+                                      lambda client: recon_once(client, store, read_in_task=True))
             res["recon_read_in_task"].append(r)
             print(f"  N={n:6d}: map-reduce {r['map_reduce_s']:.2f} s "
                   f"({r['particles_per_s']:.0f}/s), peak worker "
@@ -547,16 +552,10 @@ def main():
         base = base_store(args.refine_box, min(args.base_n, max(args.refine_n)), args.chunk,
                           work, res["setup"])
         for n in args.refine_n:
-            store = tiled_store(base, n, work, res["setup"]) if n > base.info.n_particles \
-                else _head(base, n, work, res["setup"])
-            c, client = cluster(args.workers, args.memory_limit)
-            try:
-                warm(client, warm_store(args.refine_box))
-                r = refine_once(client, store, initial, work / f"refine_n{n}",
-                                args.refine_iterations, args.refine_chunk)
-            finally:
-                client.close()
-                c.close()
+            store = sized_store(base, n, work, res["setup"])
+            r = on_fresh_cluster(args.workers, args.memory_limit, args.refine_box,
+                                      lambda client: refine_once(client, store, initial, work / f"refine_n{n}",
+                                args.refine_iterations, args.refine_chunk))
             res["refine"].append(r)
             print(f"  N={n:6d}: global it 1 {r['first_global']['time_s']:.1f} s, local it "
                   f"{r['last_local']['iteration']} {r['last_local']['time_s']:.1f} s "
@@ -571,23 +570,13 @@ def main():
                           res["setup"])
         store = tiled_store(base, args.workers_n, work, res["setup"]) \
             if args.workers_n > base.info.n_particles else base
-        c, client = cluster(1, args.memory_limit)
-        try:
-            warm(client, warm_store(args.box))
-            res["workers"]["recon_1"] = recon_once(client, store)
-        finally:
-            client.close()
-            c.close()
+        res["workers"]["recon_1"] = on_fresh_cluster(1, args.memory_limit, args.box,
+                                                     lambda client: recon_once(client, store))
         two = next((r for r in res["recon"] if r["n"] == args.workers_n
                     and r["workers"] == 2), None)
         if two is None:
-            c, client = cluster(2, args.memory_limit)
-            try:
-                warm(client, warm_store(args.box))
-                two = recon_once(client, store)
-            finally:
-                client.close()
-                c.close()
+            two = on_fresh_cluster(2, args.memory_limit, args.box,
+                                      lambda client: recon_once(client, store))
         res["workers"]["recon_2"] = two
         save()
     if args.workers_refine_n:
@@ -597,19 +586,11 @@ def main():
         write_map(initial, vol, px)
         base = base_store(args.refine_box, min(args.base_n, max(args.refine_n or [args.base_n])),
                           args.chunk, work, res["setup"])
-        store = _head(base, args.workers_refine_n, work, res["setup"]) \
-            if args.workers_refine_n <= base.info.n_particles \
-            else tiled_store(base, args.workers_refine_n, work, res["setup"])
-        c, client = cluster(1, args.memory_limit)
-        try:
-            warm(client, warm_store(args.refine_box))
-            res["workers"]["refine_1"] = refine_once(client, store, initial,
-                                                     work / "refine_1worker",
-                                                     args.refine_iterations,
-                                                     args.refine_chunk)
-        finally:
-            client.close()
-            c.close()
+        store = sized_store(base, args.workers_refine_n, work, res["setup"])
+        res["workers"]["refine_1"] = on_fresh_cluster(
+            1, args.memory_limit, args.refine_box,
+            lambda client: refine_once(client, store, initial, work / "refine_1worker",
+                                       args.refine_iterations, args.refine_chunk))
         res["workers"]["refine_2"] = next((r for r in res["refine"]
                                            if r["n"] == args.workers_refine_n), None)
         save()
