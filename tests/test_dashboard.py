@@ -214,3 +214,24 @@ def test_live_page_in_a_real_browser_during_a_run(browser_dataset, tmp_path):
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resolution" in out.splitlines()[-1]
+
+
+
+def test_reconstruction_publishes_its_result(demo_map, tmp_path):
+    """A reconstruction on a given client tells the page its maps, FSC and resolution."""
+    from dask_refine.jobs.reconstruct import ReconstructConfig, run_reconstruct
+    from dask_refine.parallel.cluster import ClusterConfig, dask_client
+
+    store = small_refine_dataset(tmp_path, demo_map, n_particles=100, chunk_size=50,
+                                 write_poses=True)
+    with dask_client(ClusterConfig(n_workers=1)) as client:
+        summary = run_reconstruct(ReconstructConfig(store=str(store.path),
+                                                    out_dir=str(tmp_path / "out")),
+                                  client=client, log=lambda m: None)
+        events = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.get_events(TOPIC))
+    run = dashboard.latest_run(events)
+    assert [p["job"] for p in run] == ["reconstruct"]
+    entry = run[0]["classes"][0]
+    assert entry["resolution_A"] == pytest.approx(summary["resolution_A"])
+    assert np.asarray(entry["slices_half_A"][0]).shape == (32, 32)
+    assert np.asarray(run[0]["orientations"]["counts"]).sum() == summary["n_particles"]

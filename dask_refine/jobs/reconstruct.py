@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backprojection import CTF_PARAMETERS, FourierSums
-from ..core.fsc import fsc, resolution_at_threshold, ssnr_from_fsc
+from ..core.fsc import fsc, ssnr_from_fsc
 from ..core.masks import soft_sphere_mask
 from ..core.projection import DEFAULT_PAD
 from ..core.reconstruction import reconstruct
 from ..core.symmetry import symmetry_operators
 from ..io.errors import InputError
 from ..io.figures import write_job_figures
-from ..io.mrc import read_map, write_map
+from ..io.mrc import write_map
 from ..io.outputs import write_json
 from ..io.star import export_star
 from ..io.store import ParticleStore
@@ -156,9 +156,9 @@ def _class_poses(meta: dict, groups: np.ndarray, k: int):
 
 
 def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, mask,
-                rotation=None, weights=None) -> dict:
-    """Half maps, full map, mask, FSC report and figures of one class into ``out``; their
-    summary."""
+                rotation=None, weights=None) -> tuple[dict, dict]:
+    """Half maps, full map, mask, FSC report and figures of one class into ``out``. Returns
+    their summary, and the class's view for the dashboard (half maps, FSC, resolution)."""
     px = info.pixel_size_A
     halves, _, full = reconstruct_halves_and_full(sums, info.box_size, px, mask, config.symmetry)
     for name, vol in zip(HALF_NAMES, halves):
@@ -167,6 +167,8 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
     report = write_fsc_report(out, halves, final_mask(config.masks, full, px, out, mask), px)
     figures = write_job_figures(out, halves, full, report["curves"]["corrected"],
                                 report["resolution_A"], px, rotation, weights, config.symmetry)
+    view = {"halves": halves, "fsc": report["curves"]["corrected"],
+            "resolution_A": report["resolution_A"]}
     return {
         "resolution_A": report["resolution_A"],
         "bfactor_A2": figures["bfactor_A2"],
@@ -179,7 +181,7 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
                                                       ("half_B", "half_B.mrc"), ("fsc", "fsc.csv"),
                                                       ("fsc_plot", "fsc.png"))},
                     **figures["outputs"]},
-    }
+    }, view
 
 
 def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
@@ -215,6 +217,7 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     mask = None
     if config.mask_diameter_A:
         mask = soft_sphere_mask(info.box_size, 0.5 * config.mask_diameter_A / info.pixel_size_A)
+    views = []  # per class, for the dashboard (None: an empty half set)
     if config.classes:
         results = {}
         for k in range(n_classes):
@@ -225,14 +228,17 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
             if pair.count.min() == 0:
                 log(f"class {k + 1}: a half set is empty; no map")
                 results[k + 1] = {"n_particles_per_half": pair.count.tolist()}
+                views.append(None)
                 continue
-            results[k + 1] = _write_maps(folder, pair, info, config, mask,
-                                         *_class_poses(meta, groups, k))
+            results[k + 1], view = _write_maps(folder, pair, info, config, mask,
+                                               *_class_poses(meta, groups, k))
+            views.append(view)
         summary = {"job": "reconstruct", "classes": class_note, "n_classes": n_classes,
                    "per_class": results}
     else:
-        summary = {"job": "reconstruct",
-                   **_write_maps(out, sums, info, config, mask, meta["rotation"])}
+        written, view = _write_maps(out, sums, info, config, mask, meta["rotation"])
+        summary = {"job": "reconstruct", **written}
+        views.append(view)
     summary.update({
         "n_particles": info.n_particles, "box_size": info.box_size,
         "pixel_size_A": info.pixel_size_A, "symmetry": config.symmetry,
@@ -240,23 +246,8 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     summary["outputs_particles"] = str(export_star(store, out / "particles.star"))
     write_json(out / "summary.json", summary)
     if client is not None:  # an embedded cluster is gone by now: nobody to tell
-        publish(client, _progress_event(config, out, info, n_classes, meta["rotation"]))
+        publish(client, iteration_event(
+            run=new_run_id("reconstruct"), job="reconstruct", out_dir=str(out), iteration=1,
+            max_iterations=1, box_size=info.box_size, pixel_size_A=info.pixel_size_A,
+            classes=views, rotation=meta["rotation"]))
     return summary
-
-
-def _progress_event(config: ReconstructConfig, out: Path, info, n_classes: int,
-                    rotation) -> dict:
-    """The dashboard's view of the finished job, read back from the maps it wrote."""
-    classes = []
-    for k in range(n_classes):
-        folder = out / f"class_{k + 1:03d}" if config.classes else out
-        if not (folder / "half_A.mrc").exists():
-            classes.append(None)
-            continue
-        halves = [read_map(folder / f"half_{h}.mrc")[0] for h in HALF_NAMES]
-        curve = fsc(*halves)
-        classes.append({"fsc": curve, "halves": halves, "resolution_A": resolution_at_threshold(
-            curve, info.box_size, info.pixel_size_A, 0.143)})
-    return iteration_event(run=new_run_id("reconstruct"), job="reconstruct", out_dir=str(out),
-                           iteration=1, max_iterations=1, box_size=info.box_size,
-                           pixel_size_A=info.pixel_size_A, classes=classes, rotation=rotation)

@@ -109,19 +109,13 @@ def chained_map_reduce(images, meta: dict, groups: np.ndarray, accumulate, extra
     ``chunk_size`` rows (default: its own chunks) by tasks on the workers. The read of a chain's
     k-th chunk waits for the chain's state k − 2, so each chain reads one chunk ahead of its
     backprojection and no further: reads are quick and would otherwise all run first and pile
-    up in worker memory (the stack must never be loaded whole). A Dask array is read block by
-    block without that bound (small in-memory stacks only).
+    up in worker memory (the stack must never be loaded whole).
     """
     from dask import delayed
 
-    if hasattr(images, "dask"):  # a Dask array: its own block tasks
-        blocks = list(images.to_delayed().ravel())
-        bounds = np.cumsum((0,) + images.chunks[0])
-    else:
-        size = chunk_size or (images.chunks[0] if hasattr(images, "chunks") else len(images))
-        bounds = chunk_bounds(images.shape[0], size)
-        source = delayed(images, name=f"particle-images-{uuid.uuid4().hex}", traverse=False)
-        blocks = None
+    size = chunk_size or (images.chunks[0] if hasattr(images, "chunks") else len(images))
+    bounds = chunk_bounds(images.shape[0], size)
+    source = delayed(images, name=f"particle-images-{uuid.uuid4().hex}", traverse=False)
     n_blocks = len(bounds) - 1
     n_chains = max(1, min(n_chains, n_blocks))
     history: list[list] = [[] for _ in range(n_chains)]
@@ -131,10 +125,7 @@ def chained_map_reduce(images, meta: dict, groups: np.ndarray, accumulate, extra
         rows = slice(int(bounds[i]), int(bounds[i + 1]))
         c = i % n_chains
         states = history[c]
-        if blocks is not None:
-            block = blocks[i]
-        else:
-            block = read(source, rows.start, rows.stop, *states[-2:-1])
+        block = read(source, rows.start, rows.stop, *states[-2:-1])
         states.append(acc(states[-1] if states else None, block,
                           {k: v[rows] for k, v in meta.items()}, groups[rows], *extra_args,
                           rows.start))
