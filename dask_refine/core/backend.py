@@ -21,6 +21,50 @@ def array_module(*arrays) -> ModuleType:
     return np
 
 
+def backend_module(backend: str) -> ModuleType:
+    """The array module named by a job's ``backend`` setting: ``"numpy"`` or ``"cupy"``.
+
+    Raises ``ValueError`` for another name and ``ImportError`` (with the install command) when
+    CuPy is asked for but not installed."""
+    if backend == "numpy":
+        return np
+    if backend != "cupy":
+        raise ValueError(f"backend must be 'numpy' or 'cupy', not {backend!r}")
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError("the GPU backend needs CuPy: pip install 'dask-refine[gpu]'") from exc
+    return cupy
+
+
+def kernels(xp, kernel: str = "auto"):
+    """The compiled kernels for arrays of module ``xp``, or None for the array-module reference.
+
+    ``kernel``: ``"auto"`` (NumPy: the Numba CPU kernels when installed; CuPy: the CUDA kernels
+    of :mod:`._cuda_kernels` when ``numba.cuda`` is installed), ``"numba"`` (the CPU kernels,
+    required), ``"cuda"`` (the CUDA kernels, required; with NumPy arrays only meaningful in
+    Numba's CUDA simulator, which the tests use) or ``"numpy"`` (the reference).
+    """
+    if kernel == "numpy":
+        return None
+    if kernel == "cuda" or (kernel == "auto" and xp is not np):
+        return gpu_kernels(required=kernel == "cuda")
+    return cpu_kernels(kernel)
+
+
+def gpu_kernels(required: bool = False):
+    """The CUDA kernels module (:mod:`._cuda_kernels`), or None when ``numba.cuda`` cannot be
+    imported (then CuPy arrays take the array-module reference path: gathers and
+    ``cupyx.scatter_add``)."""
+    try:
+        from . import _cuda_kernels
+    except ImportError:
+        if required:
+            raise
+        return None
+    return _cuda_kernels
+
+
 def cpu_kernels(kernel: str = "auto"):
     """The Numba CPU kernels module (:mod:`._numba_kernels`), or None for the NumPy reference.
 
@@ -69,3 +113,23 @@ def scatter_add(target_flat, indices, values) -> None:
         import cupyx
 
         cupyx.scatter_add(target_flat, indices.ravel(), values.ravel().astype(target_flat.dtype))
+
+
+def free_device_bytes(xp) -> int | None:
+    """Free memory of the current CUDA device in bytes (CuPy), or None on the host (NumPy).
+    Counts the blocks CuPy's memory pool holds but does not use as free."""
+    if xp is np:
+        return None
+    free, _total = xp.cuda.Device().mem_info
+    pool = xp.get_default_memory_pool()
+    return int(free + pool.free_bytes())
+
+
+def batch_size_for_memory(bytes_per_item: int, free_bytes: int | None, default: int,
+                          fraction: float = 0.25, minimum: int = 1) -> int:
+    """How many items of ``bytes_per_item`` to process at once: ``default`` on the host
+    (``free_bytes`` None), else as many as fit in ``fraction`` of the free device memory
+    (never fewer than ``minimum``). Sizes the pose-search batches to the GPU's memory."""
+    if free_bytes is None:
+        return int(default)
+    return max(int(minimum), int(fraction * free_bytes) // max(1, int(bytes_per_item)))

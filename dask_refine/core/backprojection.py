@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 from .ctf import ctf_rfft
 from .fourier import centred_rfftn, translate_rfft
 from .projection import DEFAULT_PAD, insert_central_slices_rfft, symmetrize_hermitian_planes
@@ -85,14 +85,15 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     the half set and particle ``i`` goes into every group ``k·2 + half`` with its data and
     weights multiplied by ``class_weight[i, k]`` (zero weights are skipped). Raises
     ``ValueError`` naming the first particle (0-based index ``first_index + i``) whose pixels
-    are not finite.
+    are not finite. Runs on the sums' backend: with CuPy sums (a GPU worker) host images are
+    copied to the device.
     """
-    xp = array_module(images)
+    xp = array_module(sums.data, images)
+    images = xp.asarray(images)
     n, box = images.shape[0], images.shape[-1]
     finite = xp.isfinite(images).reshape(n, -1).all(axis=1)
     if not bool(finite.all()):
-        bad = int(np.flatnonzero(np.asarray(finite.get() if hasattr(finite, "get") else finite)
-                                 == 0)[0])
+        bad = int(np.flatnonzero(to_numpy(finite) == 0)[0])
         raise ValueError(f"particle {first_index + bad} has NaN or Inf pixels")
     f = centred_rfftn(xp.asarray(images, dtype=xp.float32), 2)
     f = translate_rfft(f, np.asarray(meta["shift_A"]) / pixel_size_A)
@@ -113,10 +114,11 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     for g, sel, w in targets:
         if sel.size == 0:
             continue
-        d, w2 = data[sel], weight2[sel]
+        sel_d = xp.asarray(sel)
+        d, w2 = data[sel_d], weight2[sel_d]
         if w is not None:
             wk = xp.asarray(w[sel]).reshape(-1, 1, 1)
             d, w2 = d * wk, w2 * wk
-        insert_central_slices_rfft(d, w2, rotations[sel], sums.data[g], sums.weight[g], r_max)
+        insert_central_slices_rfft(d, w2, rotations[sel_d], sums.data[g], sums.weight[g], r_max)
         sums.count[g] += sel.size
     return sums

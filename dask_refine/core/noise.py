@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backend import array_module, to_numpy
 from .fourier import rfft_multiplicity, rfft_radius
 
 
@@ -18,13 +19,15 @@ def image_shells(box_size: int) -> np.ndarray:
 
 def shell_power_sums(residuals_rfft) -> tuple[np.ndarray, np.ndarray]:
     """Per-shell ``Σ |r_k|²`` over a batch ``(N, D, D//2+1)`` and the number of terms, both
-    ``(D//2 + 1,)`` float64, counting Hermitian pairs (sum these over batches, then divide)."""
+    ``(D//2 + 1,)`` float64, counting Hermitian pairs (sum these over batches, then divide).
+    The residuals may live on a GPU; the shell sums are returned as host arrays."""
+    xp = array_module(residuals_rfft)
     box = residuals_rfft.shape[-2]
     shells = image_shells(box)
     mult = np.broadcast_to(rfft_multiplicity(box, 2), shells.shape)
     n = box // 2 + 1
     keep = shells < n
-    power = (np.abs(residuals_rfft) ** 2).sum(axis=0)
+    power = to_numpy((xp.abs(residuals_rfft) ** 2).sum(axis=0))
     sums = np.bincount(shells[keep], weights=(power * mult)[keep], minlength=n)
     counts = np.bincount(shells[keep], weights=mult[keep], minlength=n) * residuals_rfft.shape[0]
     return sums, counts
@@ -54,15 +57,20 @@ def estimate_scales(images_centred_rfft, model_rfft, weights, max_shell: float) 
     ``images_centred_rfft`` ``(N, D, H)`` are centred images, ``model_rfft`` the matching CTF-ed
     projections ``C Ŷ`` computed with scale 1, ``weights`` ``(D, H)`` noise weights; only shells
     ``< max_shell`` enter (RELION uses those where the reference is reliable, SSNR > 3).
-    Particles whose model has no power there get scale 1.
+    Particles whose model has no power there get scale 1. Images and model may live on a GPU;
+    the scales are returned as a host array.
     """
-    box = images_centred_rfft.shape[-2]
-    sel = (rfft_radius(box, 2) < max_shell) & (rfft_radius(box, 2) >= 1)
-    mw = (np.broadcast_to(rfft_multiplicity(box, 2), sel.shape) * weights)[sel]
-    x = images_centred_rfft[:, sel]
-    y = model_rfft[:, sel]
-    num = np.sum(mw * (y.conj() * x).real, axis=1)
-    den = np.sum(mw * np.abs(y) ** 2, axis=1)
+    xp = array_module(images_centred_rfft)
+    n, box = images_centred_rfft.shape[0], images_centred_rfft.shape[-2]
+    radius = rfft_radius(box, 2)
+    sel = np.flatnonzero(((radius < max_shell) & (radius >= 1)).ravel())
+    mw = xp.asarray((np.broadcast_to(rfft_multiplicity(box, 2), radius.shape)
+                     * to_numpy(weights)).ravel()[sel])
+    sel = xp.asarray(sel)
+    x = images_centred_rfft.reshape(n, -1)[:, sel]
+    y = model_rfft.reshape(n, -1)[:, sel]
+    num = to_numpy(xp.sum(mw * (y.conj() * x).real, axis=1))
+    den = to_numpy(xp.sum(mw * xp.abs(y) ** 2, axis=1))
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import so3_grid
+from .backend import array_module, batch_size_for_memory, free_device_bytes, kernels, to_numpy
 from .fourier import rfft_frequencies, rfft_multiplicity
 from .projection import extract_central_slices_rfft
 from .symmetry import in_asymmetric_unit, symmetry_operators
@@ -80,8 +81,8 @@ class ParticleData:
 
     images_rfft: np.ndarray  # (B, D, H) complex, raw (un-centred) images
     ctf: np.ndarray  # (B, D, H) real
-    scale: np.ndarray  # (B,)
-    noise_weight: np.ndarray  # (D, H) real, 1/σ² per pixel
+    scale: np.ndarray  # (B,) host array
+    noise_weight: np.ndarray  # (D, H) real, 1/σ² per pixel, on the images' device
     box_size: int = field(init=False)
 
     def __post_init__(self):
@@ -103,7 +104,9 @@ def amplitude_envelope(reference_rfft, box_size: int) -> np.ndarray:
 
     A trilinear sample at padded radius ``ρ = pad·|k|`` is a convex combination of voxels within
     distance √3, so ``|Ŷ_k| ≤ max |V̂|`` over voxels with radius in ``[ρ − √3, ρ + √3]``.
+    Computed on the host (a device reference is copied once; jobs compute it once per iteration).
     """
+    reference_rfft = to_numpy(reference_rfft)
     padded = reference_rfft.shape[0]
     pad = padded // box_size
     kz, ky, kx = rfft_frequencies(padded, 3)
@@ -124,45 +127,65 @@ def amplitude_envelope(reference_rfft, box_size: int) -> np.ndarray:
 
 
 class _Particle:
-    """Per-particle pixel data for a band: centred-rfft values at the band's pixels."""
+    """Per-particle pixel data for a band: centred-rfft values at the band's pixels, on the
+    images' device (``kx``, ``ky`` too); origins and rotations come from the host."""
 
     def __init__(self, data: ParticleData, b: int, pixels):
         sel, kx, ky, mult = pixels
+        xp = self.xp = array_module(data.images_rfft)
         d = data.box_size
-        self.kx, self.ky = kx, ky
-        self.x = data.images_rfft[b].ravel()[sel].astype(np.complex128)
-        self.c = data.ctf[b].ravel()[sel].astype(np.float64)
-        self.mw = (mult * data.noise_weight.ravel()[sel]).astype(np.float64)
+        sel = xp.asarray(sel)
+        self.kx, self.ky = xp.asarray(kx), xp.asarray(ky)
+        self.x = data.images_rfft[b].ravel()[sel].astype(xp.complex128)
+        self.c = data.ctf[b].ravel()[sel].astype(xp.float64)
+        self.mw = (xp.asarray(mult) * data.noise_weight.ravel()[sel]).astype(xp.float64)
         self.s = float(data.scale[b])
         self.d = d
 
     def shifted(self, origins_px):
-        """``(T, M)`` centred images ``X e^{−2πi k·o/D}`` for origins ``(T, 2)`` (x, y)."""
-        ph = (-2j * np.pi / self.d) * (np.outer(origins_px[:, 0], self.kx)
-                                       + np.outer(origins_px[:, 1], self.ky))
-        return self.x[None, :] * np.exp(ph)
+        """``(T, M)`` centred images ``X e^{−2πi k·o/D}`` for host origins ``(T, 2)`` (x, y)."""
+        xp = self.xp
+        o = xp.asarray(origins_px, dtype=xp.float64)
+        ph = (-2j * np.pi / self.d) * (xp.outer(o[:, 0], self.kx) + xp.outer(o[:, 1], self.ky))
+        return self.x[None, :] * xp.exp(ph)
 
     def errors(self, origins_px, slices):
-        """Errors ``(N, T)`` of slices ``(N, M)`` (the reference's, CTF not applied) at origins."""
+        """Errors ``(N, T)`` of slices ``(N, M)`` (the reference's, CTF not applied) at origins,
+        on the device, and the slices' energies ``(N,)``."""
+        xp = self.xp
         xs = self.shifted(origins_px)  # (T, M)
         cy = slices * (self.s * self.c)[None, :]  # (N, M)
         cross = (xs * self.mw[None, :]) @ cy.conj().T  # (T, N)
-        norm_x = float(np.sum(self.mw * np.abs(self.x) ** 2))
-        norm_y = (np.abs(cy) ** 2) @ self.mw  # (N,)
+        norm_x = float(xp.sum(self.mw * xp.abs(self.x) ** 2))
+        norm_y = (xp.abs(cy) ** 2) @ self.mw  # (N,)
         return norm_x + norm_y[:, None] - 2.0 * cross.real.T, norm_y
+
+
+def high_band_bounds(data: ParticleData, envelope, r_lo: float, r_hi: float) -> np.ndarray:
+    """Lower bounds ``(B,)`` of the error's band ``[r_lo, r_hi)`` of every particle, over all
+    poses (host array; computed on the images' device)."""
+    n = data.images_rfft.shape[0]
+    if r_lo >= r_hi:
+        return np.zeros(n)
+    xp = array_module(data.images_rfft)
+    sel, _, _, mult = band_pixels(data.box_size, r_lo, r_hi)
+    sel_d = xp.asarray(sel)
+    x = xp.abs(data.images_rfft.reshape(n, -1)[:, sel_d]).astype(xp.float64)
+    scale = xp.asarray(np.asarray(data.scale, np.float64)).reshape(-1, 1)
+    ca = scale * xp.abs(data.ctf.reshape(n, -1)[:, sel_d]) * xp.asarray(
+        np.asarray(envelope).ravel()[sel])[None, :]
+    mw = (xp.asarray(mult) * data.noise_weight.ravel()[sel_d])[None, :]
+    cauchy = xp.clip(xp.sqrt(xp.sum(mw * x * x, axis=1)) - xp.sqrt(xp.sum(mw * ca * ca, axis=1)),
+                     0.0, None) ** 2
+    per_pixel = xp.sum(mw * xp.clip(x - ca, 0.0, None) ** 2, axis=1)
+    return to_numpy(xp.maximum(cauchy, per_pixel))
 
 
 def high_band_bound(data: ParticleData, b: int, envelope, r_lo: float, r_hi: float) -> float:
     """Lower bound of the error's band ``[r_lo, r_hi)`` for particle ``b``, over all poses."""
-    if r_lo >= r_hi:
-        return 0.0
-    sel, _, _, mult = band_pixels(data.box_size, r_lo, r_hi)
-    x = np.abs(data.images_rfft[b].ravel()[sel]).astype(np.float64)
-    ca = float(data.scale[b]) * np.abs(data.ctf[b].ravel()[sel]) * envelope.ravel()[sel]
-    mw = mult * data.noise_weight.ravel()[sel]
-    cauchy = max(0.0, np.sqrt(np.sum(mw * x * x)) - np.sqrt(np.sum(mw * ca * ca))) ** 2
-    per_pixel = float(np.sum(mw * np.clip(x - ca, 0.0, None) ** 2))
-    return max(cauchy, per_pixel)
+    one = ParticleData(data.images_rfft[b:b + 1], data.ctf[b:b + 1],
+                       np.asarray(data.scale)[b:b + 1], data.noise_weight)
+    return float(high_band_bounds(one, envelope, r_lo, r_hi)[0])
 
 
 def level_band(params: SearchParams, box_size: int, level: int) -> float:
@@ -173,21 +196,22 @@ def level_band(params: SearchParams, box_size: int, level: int) -> float:
 
 
 def _slices(reference_rfft, box_size, rotations, kx, ky):
-    """Central slices at the band's pixels only: ``(N, M)`` complex128."""
-    from .backend import cpu_kernels
-
+    """Central slices at the band's pixels only: ``(N, M)`` complex128 on the reference's
+    device; ``rotations`` host, ``kx``/``ky`` on the reference's device."""
+    xp = array_module(reference_rfft)
     n = rotations.shape[0]
-    out = np.zeros((n, kx.size), dtype=reference_rfft.dtype)
-    kern = cpu_kernels("auto")
+    rotations = xp.asarray(np.ascontiguousarray(rotations, dtype=np.float64))
+    kx, ky = xp.asarray(kx, dtype=xp.float64), xp.asarray(ky, dtype=xp.float64)
+    out = xp.zeros((n, kx.size), dtype=reference_rfft.dtype)
+    kern = kernels(xp, "auto")
     pad = reference_rfft.shape[0] // box_size
     if kern is not None:
-        kern.extract_slices(np.ascontiguousarray(reference_rfft),
-                            np.ascontiguousarray(rotations, dtype=np.float64), kx, ky,
-                            np.arange(kx.size), float(pad), out)
-        return out.astype(np.complex128)
+        kern.extract_slices(xp.ascontiguousarray(reference_rfft), rotations, kx, ky,
+                            xp.arange(kx.size), float(pad), out)
+        return out.astype(xp.complex128)
     full = extract_central_slices_rfft(reference_rfft, rotations, box_size, kernel="numpy")
-    ky_i = (ky + box_size // 2).astype(int)
-    return full[:, ky_i, kx.astype(int)].astype(np.complex128)
+    ky_i = (ky + box_size // 2).astype(xp.int64)
+    return full[:, ky_i, kx.astype(xp.int64)].astype(xp.complex128)
 
 
 def asymmetric_cells(level: int, symmetry: str = "C1"):
@@ -237,7 +261,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     true_pixels = band_pixels(box, 0.0, params.r_align)
     bands = {lvl: level_band(params, box, lvl) for lvl in range(first, last + 1)}
     band_pix = {lvl: band_pixels(box, 0.0, bands[lvl]) for lvl in bands}
-    bounds_hi = {}
+    bounds_hi = {lvl: high_band_bounds(data, env, bands[lvl], params.r_align) for lvl in bands}
 
     shared = None
     if not params.local:
@@ -251,8 +275,6 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     out_evals = np.zeros(n, dtype=np.int64)
     traces = [] if trace else None
     for b in range(n):
-        for lvl in bands:
-            bounds_hi[lvl] = high_band_bound(data, b, env, bands[lvl], params.r_align)
         p_true = _Particle(data, b, true_pixels)
         if params.local:
             dirs, psis = so3_grid.neighbourhood(first, np.asarray(prior_rotation[b]),
@@ -275,7 +297,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                  part.kx, part.ky)
             err, energy = _pair_errors(part, slices, pair_rot, pair_origin)
             evals += err.size
-            bound = err + bounds_hi[lvl]
+            bound = err + bounds_hi[lvl][b]
             star = int(np.argmin(bound))
             star_rot = so3_grid.cell_rotations(lvl, dirs[pair_rot[star]:pair_rot[star] + 1],
                                                psis[pair_rot[star]:pair_rot[star] + 1])
@@ -347,18 +369,21 @@ def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin,
 def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     """Errors of (rotation, origin) pairs: ``slices[pair_rot[i]]`` at ``pair_origin[i]``.
 
-    Returns the errors and each pair's signal energy ``s²‖C Ŷ‖²_w`` in the band.
+    Returns the errors and each pair's signal energy ``s²‖C Ŷ‖²_w`` in the band, as host
+    arrays (the pruning that follows runs on the host); the GEMM runs on the slices' device.
     """
+    xp = part.xp
     cy = slices * (part.s * part.c)[None, :]
-    energy_rot = (np.abs(cy) ** 2) @ part.mw
-    norm_x = float(np.sum(part.mw * np.abs(part.x) ** 2))
+    energy_rot = (xp.abs(cy) ** 2) @ part.mw
+    norm_x = float(xp.sum(part.mw * xp.abs(part.x) ** 2))
     q = np.round(pair_origin * 64.0).astype(np.int64)  # origins lie on a lattice of ≥ 1/64 px
     _, first_of, inverse = np.unique((q[:, 0] << 32) + q[:, 1], return_index=True,
                                      return_inverse=True)
     xs = part.shifted(pair_origin[first_of]) * part.mw[None, :]  # (U, M)
     cross = (cy.conj() @ xs.T).real  # (rotations, U): one GEMM, then pick the pairs
-    err = norm_x + energy_rot[pair_rot] - 2.0 * cross[pair_rot, inverse.ravel()]
-    return err, energy_rot[pair_rot]
+    rot_d, origin_d = xp.asarray(pair_rot), xp.asarray(inverse.ravel())
+    err = norm_x + energy_rot[rot_d] - 2.0 * cross[rot_d, origin_d]
+    return to_numpy(err), to_numpy(energy_rot[rot_d])
 
 
 def _prune(bound, e_star, energy, params: SearchParams) -> np.ndarray:
@@ -397,8 +422,11 @@ def _n_cells(level: int, symmetry: str) -> int:
 
 
 def exhaustive_search(reference_rfft, data: ParticleData, params: SearchParams,
-                      prior_origin_px=None, batch_rotations: int = 8192) -> SearchResult:
-    """True error at every cell of ``params.last_level`` × every reachable origin; the optimum."""
+                      prior_origin_px=None, batch_rotations: int | None = None) -> SearchResult:
+    """True error at every cell of ``params.last_level`` × every reachable origin; the optimum.
+
+    Rotations are evaluated ``batch_rotations`` at a time (default 8192 on the host; on a GPU
+    as many as fit in a quarter of the free device memory)."""
     box = data.box_size
     n = data.images_rfft.shape[0]
     prior_origin_px = np.zeros((n, 2)) if prior_origin_px is None else np.asarray(prior_origin_px,
@@ -410,15 +438,23 @@ def exhaustive_search(reference_rfft, data: ParticleData, params: SearchParams,
     best_rot = np.zeros((n, 3, 3))
     best_origin = np.zeros((n, 2))
     parts = [_Particle(data, b, pixels) for b in range(n)]
+    if batch_rotations is None:
+        xp = array_module(data.images_rfft)
+        # per rotation: a complex128 slice and its CTF-ed copy (M each), errors over the origins
+        per_rotation = 16 * 2 * pixels[0].size + 8 * 2 * offsets.shape[0]
+        batch_rotations = batch_size_for_memory(per_rotation, free_device_bytes(xp), 8192,
+                                                minimum=64)
     for start in range(0, rots.shape[0], batch_rotations):
         r = rots[start:start + batch_rotations]
         slices = _slices(reference_rfft, box, r, pixels[1], pixels[2])
         for b, part in enumerate(parts):
             origins = prior_origin_px[b][None, :] + offsets
             err, _ = part.errors(origins, slices)
-            i, t = np.unravel_index(int(np.argmin(err)), err.shape)
-            if err[i, t] < best[b]:
-                best[b], best_rot[b], best_origin[b] = err[i, t], r[i], origins[t]
+            flat = int(err.argmin())
+            i, t = np.unravel_index(flat, err.shape)
+            e = float(err.ravel()[flat])
+            if e < best[b]:
+                best[b], best_rot[b], best_origin[b] = e, r[i], origins[t]
     evals = np.full(n, rots.shape[0] * offsets.shape[0], dtype=np.int64)
     return SearchResult(best_rot, best_origin, best, evals)
 
@@ -432,5 +468,5 @@ def pose_error(reference_rfft, data: ParticleData, rotations, origins_px, r_alig
         err, _ = part.errors(np.asarray(origins_px[b], float)[None, :],
                              _slices(reference_rfft, data.box_size, rotations[b:b + 1],
                                      part.kx, part.ky))
-        out[b] = err[0, 0]
+        out[b] = float(err[0, 0])
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module, cpu_kernels, scatter_add
+from .backend import array_module, kernels, scatter_add
 from .fourier import (centred_irfftn, centred_rfftn, crop_centred, pad_centred,
                       rfft_frequencies)
 
@@ -74,7 +74,7 @@ def _corners(rotations, kx, ky, pad: int, padded_size: int, real_dtype):
     ``(P, P, P//2+1)`` array, trilinear weights ``(N, M, 8)`` and a bool ``(N, M)`` telling where
     the point was mirrored to ``-p`` (so the value is conjugated).
     """
-    xp = array_module(rotations)
+    xp = array_module(rotations, kx)
     R = xp.asarray(rotations, dtype=real_dtype) * pad
     kx = kx.astype(real_dtype)
     ky = ky.astype(real_dtype)
@@ -141,8 +141,9 @@ def extract_central_slices_rfft(volume_rfft, rotations, box_size: int,
     ``volume_rfft``: ``(P, P, P//2+1)`` complex from :func:`prepare_reference_rfft`;
     ``rotations``: ``(N, 3, 3)``. Returns ``(N, D, D//2+1)`` complex of the volume's dtype, zero
     outside ``|k| < r_max``. Matches RELION ``Projector::project`` (TRILINEAR).
-    ``kernel``: ``"auto"`` uses the Numba kernel on CPU when installed, ``"numpy"`` the
-    array-module reference (also the CuPy path).
+    ``kernel``: ``"auto"`` uses the compiled kernel of the array's backend (Numba on CPU, CUDA
+    on CuPy; :func:`.backend.kernels`), ``"numpy"`` the array-module reference (gathers and
+    scatter-adds that run on either backend), ``"numba"``/``"cuda"`` require one kernel.
     """
     xp = array_module(volume_rfft)
     padded = volume_rfft.shape[0]
@@ -151,11 +152,11 @@ def extract_central_slices_rfft(volume_rfft, rotations, box_size: int,
     flat_pix, kx, ky = image_pixels(box_size, r_max, xp)
     n = rotations.shape[0]
     out = xp.zeros((n, box_size * (box_size // 2 + 1)), dtype=volume_rfft.dtype)
-    fast = cpu_kernels(kernel) if xp is np else None
+    fast = kernels(xp, kernel)
     if fast is not None:
-        fast.extract_slices(np.ascontiguousarray(volume_rfft),
-                            np.ascontiguousarray(rotations, dtype=np.float64),
-                            kx.astype(np.float64), ky.astype(np.float64), flat_pix, float(pad), out)
+        fast.extract_slices(xp.ascontiguousarray(volume_rfft),
+                            xp.ascontiguousarray(xp.asarray(rotations), dtype=xp.float64),
+                            kx.astype(xp.float64), ky.astype(xp.float64), flat_pix, float(pad), out)
         return out.reshape(n, box_size, box_size // 2 + 1)
     vol_flat = volume_rfft.ravel()
     for sl in _batches(n, batch_size):
@@ -183,16 +184,16 @@ def insert_central_slices_rfft(data_rfft, weights_rfft, rotations, data_sum, wei
     pad = padded // box
     real_dtype = xp.float32 if data_sum.dtype == xp.complex64 else xp.float64
     flat_pix, kx, ky = image_pixels(box, r_max, xp)
-    fast = cpu_kernels(kernel) if xp is np else None
+    fast = kernels(xp, kernel)
     if fast is not None and data_sum.flags.c_contiguous:
         n = data_rfft.shape[0]
         use_w = weights_rfft is not None and weight_sum is not None
-        fast.insert_slices(np.ascontiguousarray(data_rfft).reshape(n, -1),
-                           (np.ascontiguousarray(weights_rfft).reshape(n, -1) if use_w
-                            else np.zeros((1, 1), np.float32)),
-                           np.ascontiguousarray(rotations, dtype=np.float64),
-                           kx.astype(np.float64), ky.astype(np.float64), flat_pix, float(pad),
-                           data_sum, weight_sum if use_w else np.zeros((1, 1, 1), np.float32),
+        fast.insert_slices(xp.ascontiguousarray(data_rfft).reshape(n, -1),
+                           (xp.ascontiguousarray(weights_rfft).reshape(n, -1) if use_w
+                            else xp.zeros((1, 1), xp.float32)),
+                           xp.ascontiguousarray(xp.asarray(rotations), dtype=xp.float64),
+                           kx.astype(xp.float64), ky.astype(xp.float64), flat_pix, float(pad),
+                           data_sum, weight_sum if use_w else xp.zeros((1, 1, 1), xp.float32),
                            use_w)
         return
     half_column = xp.where(kx == 0, 0.5, 1.0).astype(real_dtype)
