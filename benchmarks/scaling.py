@@ -302,7 +302,7 @@ def read_in_task_graph(store, meta, groups, n_chains: int, split_every: int):
 
     info = store.info
     arr = store.images
-    extra = (2, info.box_size, 2, info.pixel_size_A, True, None, str(store.path))
+    extra = (2, info.box_size, 2, info.pixel_size_A, True, None, "numpy", str(store.path))
     starts = list(range(0, info.n_particles, info.chunk_size))
     n_chains = max(1, min(n_chains, len(starts)))
     chains = [None] * n_chains

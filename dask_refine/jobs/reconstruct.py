@@ -97,7 +97,7 @@ def compute_sums(store: ParticleStore, meta: dict, groups: np.ndarray, n_groups:
         store.images, {k: v for k, v in meta.items() if k != "half_set"}, groups, n_groups,
         store.info.pixel_size_A, config.pad, config.use_ctf,
         n_chains=config.n_chains or max(1, n_threads), split_every=config.split_every,
-        source=str(store.path), chunk_size=config.chunk_size)
+        source=str(store.path), chunk_size=config.chunk_size, backend=config.cluster.backend)
     if client is None:
         return graph.compute(scheduler="sync")
     return client.compute(graph).result()

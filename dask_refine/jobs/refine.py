@@ -288,7 +288,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     graph = refine_graph(store.images, step_meta, groups, 2 * n_classes,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
                          split_every=config.split_every, source=str(store.path),
-                         chunk_size=config.chunk_size)
+                         chunk_size=config.chunk_size, backend=config.cluster.backend)
     t0 = time.perf_counter()
     if client is None:
         sums, results = graph.compute(scheduler="sync")

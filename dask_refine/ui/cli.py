@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io.errors import InputError
-from ..parallel.cluster import ClusterConfig
+from ..parallel.cluster import ClusterConfig, GPUUnavailable
 
 DEMO_MARKER = ".dask_refine_demo"
 
@@ -88,6 +88,14 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    "(default: one per core)")
     g.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                    help="embedded cluster: threads per worker (default: %(default)s)")
+    g.add_argument("--gpu", action="store_true",
+                   help="run the map tasks on GPUs with CuPy: the embedded cluster is dask-cuda's "
+                   "LocalCUDACluster, one worker per GPU in CUDA_VISIBLE_DEVICES (default: all); "
+                   "with --scheduler the workers must be GPU workers ('dask cuda worker'). Needs "
+                   "pip install 'dask-refine[gpu]'")
+    g.add_argument("--device-memory-limit", default="0.8", metavar="LIMIT",
+                   help="with --gpu: device memory per worker before dask-cuda spills to host, a "
+                   "fraction of the GPU or a size such as 40GB (default: %(default)s)")
     g.add_argument("--tls-ca-file", metavar="PEM",
                    help="remote tls:// scheduler: CA certificate (Dask TLS security)")
     g.add_argument("--tls-cert", metavar="PEM", help="remote tls:// scheduler: client certificate")
@@ -104,7 +112,8 @@ def _cluster(args) -> ClusterConfig:
     return ClusterConfig(scheduler=args.scheduler, n_workers=args.n_workers,
                          threads_per_worker=args.threads_per_worker,
                          tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert,
-                         tls_key=args.tls_key)
+                         tls_key=args.tls_key, gpu=args.gpu,
+                         device_memory_limit=args.device_memory_limit)
 
 
 def _run_job(args, job):
@@ -440,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as exc:
+    except (InputError, GPUUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
