@@ -565,3 +565,11 @@ def test_slurm_launcher_runs_a_job_on_its_worker_jobs(slurm_config, tmp_path, mo
     text = log.read_text()
     assert text.count("Registered to:") == 2, text  # both worker processes of the job joined
     assert "End worker" in text, text  # and were stopped when the command ended
+
+
+def test_slurm_gpu_profile_runs_the_job_with_gpu(slurm_config):
+    """Jobs launched on the GPU profile's dask-cuda workers compute on CuPy (``--gpu``); the
+    CPU profile's do not."""
+    launcher = load_launcher()
+    config = launcher.load_config(slurm_config)
+    assert launcher.gpu_profile(config, "gpu") and not launcher.gpu_profile(config, "cpu")

@@ -22,15 +22,6 @@ from numba import cuda
 THREADS_PER_BLOCK = 256
 
 
-@cuda.jit(device=True)
-def _point(r, kx, ky, pad):
-    """Point pad·Aᵀ(kx, ky, 0): returns (px, py, pz) in padded index units."""
-    px = (kx * r[0, 0] + ky * r[1, 0]) * pad
-    py = (kx * r[0, 1] + ky * r[1, 1]) * pad
-    pz = (kx * r[0, 2] + ky * r[1, 2]) * pad
-    return px, py, pz
-
-
 @cuda.jit
 def _insert_kernel(data_re_im, weights, rotations, kx, ky, pix, pad, sum_re_im, weight_sum,
                    use_weights):
@@ -46,7 +37,10 @@ def _insert_kernel(data_re_im, weights, rotations, kx, ky, pix, pad, sum_re_im, 
     p = sum_re_im.shape[0]
     h = sum_re_im.shape[2] // 2
     half = p // 2
-    px, py, pz = _point(rotations[i], kx[j], ky[j], pad)
+    # the point pad·Aᵀ(kx, ky, 0) (written out: a device function would need a GPU to compile)
+    px = (kx[j] * rotations[i, 0, 0] + ky[j] * rotations[i, 1, 0]) * pad
+    py = (kx[j] * rotations[i, 0, 1] + ky[j] * rotations[i, 1, 1]) * pad
+    pz = (kx[j] * rotations[i, 0, 2] + ky[j] * rotations[i, 1, 2]) * pad
     k = pix[j]
     re = float(data_re_im[i, 2 * k])
     im = float(data_re_im[i, 2 * k + 1])
@@ -90,7 +84,10 @@ def _extract_kernel(volume, rotations, kx, ky, pix, pad, out):
     p = volume.shape[0]
     h = volume.shape[2]
     half = p // 2
-    px, py, pz = _point(rotations[i], kx[j], ky[j], pad)
+    # the point pad·Aᵀ(kx, ky, 0) (written out: a device function would need a GPU to compile)
+    px = (kx[j] * rotations[i, 0, 0] + ky[j] * rotations[i, 1, 0]) * pad
+    py = (kx[j] * rotations[i, 0, 1] + ky[j] * rotations[i, 1, 1]) * pad
+    pz = (kx[j] * rotations[i, 0, 2] + ky[j] * rotations[i, 1, 2]) * pad
     conj = px < 0.0
     if conj:
         px, py, pz = -px, -py, -pz

@@ -44,6 +44,12 @@ def cluster_kwargs(config: dict, profile: str, scheduler_options: dict | None = 
     return kwargs
 
 
+def gpu_profile(config: dict, profile: str) -> bool:
+    """Whether ``profile``'s workers are dask-cuda GPU workers (the job then runs with
+    ``--gpu``, its map tasks on CuPy)."""
+    return "dask_cuda" in str(config["profiles"][profile].get("worker_command", ""))
+
+
 def make_cluster(config: dict, profile: str, scheduler_options: dict | None = None, **overrides):
     """A ``dask_jobqueue.SLURMCluster`` (its scheduler starts here; no job is submitted until
     ``scale``)."""
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
               f"submitted; Dask dashboard {cluster.dashboard_link}", file=sys.stderr, flush=True)
         from dask_refine.ui.cli import main as dask_refine
 
-        return dask_refine([*command, "--scheduler", cluster.scheduler_address])
+        gpu = ["--gpu"] if gpu_profile(config, args.profile) and "--gpu" not in command else []
+        return dask_refine([*command, "--scheduler", cluster.scheduler_address, *gpu])
 
 
 if __name__ == "__main__":
