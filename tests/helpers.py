@@ -6,6 +6,11 @@ from dask_refine.core.backprojection import FourierSums, backproject_particles
 from dask_refine.core.fourier import fourier_downsample
 from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH
 
+# the S3 test server's bucket and dummy credentials (fixtures s3_endpoint, s3_env in conftest.py)
+BUCKET = "particles"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
 
 def downsample_to_32(volume) -> np.ndarray:
     """A box-64 map Fourier-cropped to box 32 (twice the pixel size)."""

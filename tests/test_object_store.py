@@ -4,11 +4,11 @@ moto's server mode speaks the S3 HTTP API on 127.0.0.1; s3fs, zarr's ``FsspecSto
 Dask workers (separate processes) all talk to it over HTTP, as they would to AWS or MinIO.
 Endpoint and dummy credentials reach every process through the standard environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), set before the cluster
-starts so that worker processes inherit them.
+starts so that worker processes inherit them (fixtures ``s3_endpoint``/``s3_env`` in conftest.py).
+Job outputs at URLs: tests/test_output_urls.py.
 """
 
 import json
-import logging
 import os
 import pickle
 import subprocess
@@ -19,7 +19,7 @@ import pytest
 import starfile
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from dask_refine.io.errors import InputError  # noqa: E402
 from dask_refine.io.mrc import read_map, write_map  # noqa: E402
@@ -29,41 +29,7 @@ from dask_refine.io.store import ParticleStore, is_url  # noqa: E402
 from dask_refine.jobs.reconstruct import ReconstructConfig, run_reconstruct  # noqa: E402
 from dask_refine.jobs.refine import RefineConfig, run_refine  # noqa: E402
 from dask_refine.parallel.cluster import ClusterConfig, dask_client  # noqa: E402
-from helpers import downsample_to_32  # noqa: E402
-
-BUCKET = "particles"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free loopback port, with one empty bucket."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import s3fs
-
-    s3fs.S3FileSystem(key="testing", secret="testing",
-                      client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch):
-    """The endpoint and dummy credentials in this process's environment (and so in every process
-    it starts), as a user's shell or a cluster's worker environment would hold them."""
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
-        monkeypatch.setenv(name, value)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()  # instances made under another environment
-    yield s3_endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-
+from helpers import BUCKET, CREDENTIALS, downsample_to_32  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small_map(demo_map):
@@ -200,13 +166,3 @@ def test_unreachable_or_missing_backend_is_one_clear_error(tmp_path, monkeypatch
         ParticleStore.open("nosuchprotocol://b/p.zarr")
     with pytest.raises(InputError, match="only used with an object-store URL"):
         ParticleStore.create(tmp_path / "x.zarr", 4, 32, 1.0, storage_options={"anon": True})
-
-
-def test_outputs_at_a_url_are_refused_not_written_locally(tmp_path, monkeypatch):
-    """Outputs at URLs are not supported yet: a clear error, and no local folder "s3:/…"."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match="outputs at object-store URLs"):
-        run_reconstruct(ReconstructConfig(store="s3://b/p.zarr", out_dir="s3://b/out"))
-    with pytest.raises(InputError, match="outputs at object-store URLs"):
-        run_refine(RefineConfig(store="s3://b/p.zarr", initial_map="m.mrc", out_dir="s3://b/o"))
-    assert list(tmp_path.iterdir()) == []

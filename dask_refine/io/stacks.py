@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InputError
 from .mrc import StackReader
-from .store import ParticleStore, _filesystem, is_url, remove_store
+from .store import ParticleStore, url_filesystem, is_url, remove_store
 
 
 def resolve_image_path(file: str, metadata_path: Path, images_root=None,
@@ -167,7 +167,7 @@ def _write_skipped_list(store: ParticleStore, store_path, text: str,
     group, _, name = SKIPPED_LIST.rpartition("/")
     store.group.require_group(group)  # a Zarr group, so the store's root holds no stray file
     if is_url(store_path):
-        fs, root = _filesystem(store_path, storage_options)
+        fs, root = url_filesystem(store_path, storage_options)
         fs.pipe_file(f"{root.rstrip('/')}/{SKIPPED_LIST}", text.encode())
         return f"{str(store_path).rstrip('/')}/{SKIPPED_LIST}"
     path = Path(store_path) / group / name

@@ -60,7 +60,6 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
-POSE_COLUMNS = ("rotation", "shift_A", "scale")
 REQUIRED_COLUMNS = CTF_COLUMNS + ("half_set",)
 GROUND_TRUTH = "ground_truth"
 POSE_COLUMNS = ("rotation", "shift_A", "scale", "class_id")  # what a job refines and exports
@@ -79,8 +78,9 @@ def store_location(path) -> str:
     return path if is_url(path) else os.fspath(path)
 
 
-def _filesystem(url: str, storage_options: dict | None):
-    """The fsspec filesystem and root path of ``url`` (a clear error when the backend is missing)."""
+def url_filesystem(url: str, storage_options: dict | None):
+    """The fsspec filesystem and root path of ``url`` (a clear error when its backend is
+    missing)."""
     import fsspec
 
     try:
@@ -93,7 +93,7 @@ def _filesystem(url: str, storage_options: dict | None):
 
 
 def _url_exists(url: str, storage_options: dict | None) -> bool:
-    fs, root = _filesystem(url, storage_options)
+    fs, root = url_filesystem(url, storage_options)
     try:
         return bool(fs.exists(root))
     except Exception as exc:  # credentials, endpoint, network: say which store we could not reach
@@ -110,7 +110,7 @@ def _zarr_options(path, storage_options: dict | None) -> dict:
 def remove_store(path, storage_options: dict | None = None) -> None:
     """Delete a (half-made) store that we created: a local folder or everything under a URL."""
     if is_url(path):
-        fs, root = _filesystem(path, storage_options)
+        fs, root = url_filesystem(path, storage_options)
         try:
             fs.rm(root, recursive=True)
         except FileNotFoundError:

@@ -2,8 +2,13 @@
 
 Each finished iteration lives in ``iterations/iter_NNN/``; it is written under a temporary name
 and renamed into place only when complete, so a crash never leaves a half-written iteration that
-resume would trust. A lock file (``.lock``, holding the PID) refuses a second run on the same
-folder while the first is alive.
+resume would trust. A lock file (``.lock``, holding host and PID) refuses a second run on the
+same folder while the first is alive.
+
+At an object-store URL the same layout is built in a staging folder and published iteration by
+iteration with ``state.json`` uploaded last (:func:`publish_iteration`): the marker that
+:func:`completed_iterations` looks for arrives only after the rest of its iteration, so resume
+(:func:`fetch_checkpoint`) never trusts a half-uploaded one.
 """
 
 from __future__ import annotations
@@ -15,63 +20,88 @@ import shutil
 from pathlib import Path
 
 from ..io.errors import InputError
-from ..io.store import is_url
+from ..io.output_folder import OutputFolder
 
 ITERATIONS = "iterations"
 
 
-def output_dir(out_dir) -> Path:
-    """A job's output folder as a local path. Object-store URLs (``s3://…``) work for particle
-    stores but not yet for outputs (docs/design-notes.md, "Object stores"): refuse one here
-    rather than let ``Path`` turn ``s3://b/out`` into a local folder ``s3:/b/out``."""
-    if is_url(str(out_dir)):
-        raise InputError(out_dir, "outputs at object-store URLs are not supported yet; write "
-                         "to a local or shared folder (particle stores may be URLs)")
-    return Path(out_dir)
+def output_dir(out_dir) -> OutputFolder:
+    """A job's output folder: a local path, or an object-store URL staged on the driver's disk
+    and published as the job goes (``io/output_folder.py``). Use it as a context manager."""
+    return OutputFolder(out_dir)
 
 
 class RunLock:
-    """Exclusive lock on an output folder: an ``O_EXCL`` lock file holding ``HOST PID`` of the
-    run. A lock left by a dead process on this host is taken over; a lock from another host
-    (another node or container, whose PIDs cannot be checked from here) is refused with the
-    host named, so that a user can remove it once sure that run is gone."""
+    """Exclusive lock on an output folder: a lock file ``.lock`` holding ``HOST PID`` of the run,
+    created exclusively (``O_EXCL`` on disk; a conditional put at an object-store URL). A lock
+    left by a dead process on this host is taken over; a lock from another host (another node or
+    container, whose PIDs cannot be checked from here) is refused with the host named, so that a
+    user can remove it once sure that run is gone.
 
-    def __init__(self, out_dir):
-        self.path = Path(out_dir) / ".lock"
+    ``out``: an :class:`OutputFolder` or a local folder."""
+
+    NAME = ".lock"
+
+    def __init__(self, out):
+        self.out = out if isinstance(out, OutputFolder) else OutputFolder(out)
+        self.where = (f"{self.out.url}/{self.NAME}" if self.out.is_remote
+                      else str(self.out.local / self.NAME))
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                host, pid = self._owner()
-                if host not in (None, socket.gethostname()):
-                    raise InputError(self.path.parent, f"another run (host {host}, PID {pid}) "
-                                     "holds this output folder; if that run is gone (e.g. a "
-                                     f"killed node or pod), delete {self.path}") from None
-                if pid and _alive(pid):
-                    raise InputError(self.path.parent, f"another run (PID {pid}) is using this "
-                                     "output folder; wait for it or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # stale lock of a dead run
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{socket.gethostname()} {os.getpid()}")
-            return self
-        raise InputError(self.path.parent, "could not take the output folder's lock")
+            if self._create(text):
+                return self
+            host, pid = self._owner()
+            if host not in (None, socket.gethostname()):
+                raise InputError(self.out.location, f"another run (host {host}, PID {pid}) "
+                                 "holds this output folder; if that run is gone (e.g. a killed "
+                                 f"node or pod), delete {self.where}")
+            if pid and _alive(pid):
+                raise InputError(self.out.location, f"another run (PID {pid}) is using this "
+                                 "output folder; wait for it or choose another --out")
+            self._remove()  # stale lock of a dead run
+        raise InputError(self.out.location, "could not take the output folder's lock")
+
+    def _create(self, text: str) -> bool:
+        if self.out.is_remote:
+            return self.out.create_exclusive(self.NAME, text)
+        path = self.out.local / self.NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return True
+
+    def _read(self) -> str | None:
+        if self.out.is_remote:
+            return self.out.read_text(self.NAME)
+        try:
+            return (self.out.local / self.NAME).read_text()
+        except OSError:
+            return None
+
+    def _remove(self) -> None:
+        if self.out.is_remote:
+            self.out.remove(self.NAME)
+        else:
+            (self.out.local / self.NAME).unlink(missing_ok=True)
 
     def _owner(self) -> tuple[str | None, int | None]:
         """``(host, pid)`` of the lock's holder (host None for a lock that names only a PID)."""
         try:
-            fields = self.path.read_text().split()
+            fields = (self._read() or "").split()
             if len(fields) == 1:
                 return None, int(fields[0])
             return fields[0], int(fields[1])
-        except (OSError, ValueError, IndexError):
+        except (ValueError, IndexError):
             return None, None
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        self._remove()
 
 
 def _alive(pid: int) -> bool:
@@ -127,22 +157,50 @@ def read_state(out_dir, iteration: int) -> dict:
     return json.loads((iteration_dir(out_dir, iteration) / "state.json").read_text())
 
 
-def check_resumable(out_dir, config: dict, resume: bool, keys) -> list[int]:
+def publish_iteration(out: OutputFolder, iteration: int) -> None:
+    """Upload a finished iteration to an output URL, ``state.json`` (the completeness marker of
+    :func:`completed_iterations`) last, then free the staging copy of the iteration before it
+    (only the last iteration's maps are read again; its ``state.json`` stays for
+    ``iterations.csv``). Nothing to do for a local folder."""
+    if not out.is_remote:
+        return
+    out.publish(iteration_dir(".", iteration).as_posix().removeprefix("./"), last="state.json")
+    previous = iteration_dir(out.local, iteration - 1)
+    if previous.is_dir():
+        for p in previous.iterdir():
+            if p.name != "state.json":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def fetch_checkpoint(out: OutputFolder, resume: bool) -> None:
+    """Bring what resume reads from an output URL into the staging folder: ``config.json``,
+    every complete iteration's ``state.json`` and, when resuming, the last complete iteration
+    whole (maps and poses). Nothing to do for a local folder."""
+    if not out.is_remote:
+        return
+    out.fetch(out.remote_files("config.json")
+              + out.remote_files(f"{ITERATIONS}/iter_*/state.json"))
+    done = completed_iterations(out.local)
+    if resume and done:
+        last = iteration_dir(".", done[-1]).as_posix().removeprefix("./")
+        out.fetch(out.published(last))
+
+
+def check_resumable(out: OutputFolder, config: dict, resume: bool, keys) -> list[int]:
     """Iterations to resume from; refuse a non-empty folder without ``resume`` or with a different
-    configuration (compared on ``keys``)."""
-    out = Path(out_dir)
-    done = completed_iterations(out)
-    saved = out / "config.json"
+    configuration (compared on ``keys``). ``out``'s checkpoint must be fetched first."""
+    done = completed_iterations(out.local)
+    saved = out.local / "config.json"
     if not resume:
         if done or saved.exists():
-            raise InputError(out, "already holds a run; pass --resume to continue it or choose "
-                             "a new --out")
+            raise InputError(out.location, "already holds a run; pass --resume to continue it "
+                             "or choose a new --out")
         return []
     if not saved.exists():
         return done
     old = json.loads(saved.read_text())
     changed = [k for k in keys if old.get(k) != config.get(k)]
     if changed:
-        raise InputError(saved, f"the run there used different {', '.join(changed)}; resume "
-                         "needs the same settings")
+        raise InputError(out.name(saved), f"the run there used different {', '.join(changed)}; "
+                         "resume needs the same settings")
     return done

@@ -188,10 +188,21 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
     """Run the job; returns the summary written to ``summary.json``.
 
     ``client``: an existing ``distributed.Client`` (else one is made from ``config.cluster``).
+    ``config.out_dir`` may be an object-store URL: the outputs are staged on this machine and
+    uploaded at the end, ``summary.json`` last.
     """
+    with output_dir(config.out_dir) as outputs:
+        summary, event = _reconstruct(config, client, log, outputs)
+        outputs.publish(last="summary.json")
+    if client is not None:  # an embedded cluster is gone by now: nobody to tell
+        publish(client, event)
+    return summary
+
+
+def _reconstruct(config: ReconstructConfig, client, log, outputs) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     check_symmetry(config.symmetry)
-    out = output_dir(config.out_dir)
+    out = outputs.local
     store = ParticleStore.open(config.store)
     info = store.info
     meta = load_pose_metadata(store, config.use_ctf)
@@ -244,10 +255,10 @@ def run_reconstruct(config: ReconstructConfig, client=None, log=print) -> dict:
         "pixel_size_A": info.pixel_size_A, "symmetry": config.symmetry,
         "time_s": time.perf_counter() - t0, "backprojection_time_s": t_backproject})
     summary["outputs_particles"] = str(export_star(store, out / "particles.star"))
+    summary = outputs.names(summary)
     write_json(out / "summary.json", summary)
-    if client is not None:  # an embedded cluster is gone by now: nobody to tell
-        publish(client, iteration_event(
-            run=new_run_id("reconstruct"), job="reconstruct", out_dir=str(out), iteration=1,
-            max_iterations=1, box_size=info.box_size, pixel_size_A=info.pixel_size_A,
-            classes=views, rotation=meta["rotation"]))
-    return summary
+    event = iteration_event(
+        run=new_run_id("reconstruct"), job="reconstruct", out_dir=outputs.location,
+        iteration=1, max_iterations=1, box_size=info.box_size, pixel_size_A=info.pixel_size_A,
+        classes=views, rotation=meta["rotation"])
+    return summary, event

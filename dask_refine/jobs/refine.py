@@ -49,8 +49,9 @@ from ..parallel.mapreduce import refine_graph
 from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
-from .checkpoint import (IterationWriter, RunLock, check_resumable, completed_iterations,
-                         iteration_dir, output_dir, read_state)
+from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
+                         completed_iterations, fetch_checkpoint, iteration_dir, output_dir,
+                         publish_iteration, read_state)
 
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
@@ -367,57 +368,69 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     ``progress``: optional callable given each iteration's Dask future (e.g. a progress bar).
     """
     t_start = time.perf_counter()
-    out = output_dir(config.out_dir)
     store = ParticleStore.open(config.store)
     volumes = _check_inputs(config, store)
+    with output_dir(config.out_dir) as outputs, RunLock(outputs):
+        return _refine(config, store, volumes, outputs, client, log, progress, t_start)
+
+
+def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress,
+            t_start: float) -> dict:
+    """The EM loop in ``outputs`` (locked). At an output URL, each finished iteration is
+    uploaded before the next starts and the final outputs at the end, ``summary.json`` last."""
+    out = outputs.local
     info = store.info
     box, px = info.box_size, info.pixel_size_A
     cfg_dict = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
-    with RunLock(out):
-        done = check_resumable(out, cfg_dict, config.resume, RESUME_KEYS)
-        write_json(out / "config.json", cfg_dict)
-        meta = store.metadata(["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else []))
-        groups = meta["half_set"].astype(np.int64)
-        radius_px, max_shift_px = _geometry(config, box, px)
-        mask = _particle_mask(config, box, px)
-        if done:
-            state = _load_state(out, done[-1])
-            log(f"resuming after iteration {state.iteration} "
-                f"(resolution {state.resolution_A:.2f} Å)")
+    fetch_checkpoint(outputs, config.resume)
+    done = check_resumable(outputs, cfg_dict, config.resume, RESUME_KEYS)
+    write_json(out / "config.json", cfg_dict)
+    outputs.publish("config.json")
+    meta = store.metadata(["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else []))
+    groups = meta["half_set"].astype(np.int64)
+    radius_px, max_shift_px = _geometry(config, box, px)
+    mask = _particle_mask(config, box, px)
+    if done:
+        state = _load_state(out, done[-1])
+        log(f"resuming after iteration {state.iteration} "
+            f"(resolution {state.resolution_A:.2f} Å)")
+    else:
+        state = _initial_state(config, store, volumes, meta, radius_px)
+    finished = state.iteration > 0 and (state.stale >= config.patience
+                                        or state.iteration >= config.max_iterations)
+
+    run_id = new_run_id(_job_name(config))
+
+    def iterate(client):
+        nonlocal state
+        while not (state.iteration >= config.max_iterations
+                   or (state.iteration > 0 and state.stale >= config.patience)):
+            new, per_class, stats = _run_iteration(
+                config, store, meta, groups, state, client, radius_px, max_shift_px, mask,
+                progress)
+            with IterationWriter(out, new.iteration) as folder:
+                _save_state(folder, new, per_class, px, stats)
+            publish_iteration(outputs, new.iteration)
+            log(f"iteration {new.iteration}: {new.resolution_A:.2f} Å, level "
+                f"{stats['level']}{' local' if stats['local'] else ''}, aligned to shell "
+                f"{stats['r_align_used']:.1f}, median pose change "
+                f"{stats['median_pose_change_deg']:.2f}°, "
+                f"{stats['particles_per_s']:.0f} particles/s"
+                + (f", class sizes {stats['class_sizes']}, "
+                   f"{100 * stats['class_change_fraction']:.1f}% changed class"
+                   if "class_sizes" in stats else ""))
+            publish(client, _progress_event(config, run_id, info, new, per_class, stats))
+            state = new
+
+    if not finished:
+        if client is None:
+            with dask_client(config.cluster) as own:
+                iterate(own)
         else:
-            state = _initial_state(config, store, volumes, meta, radius_px)
-        finished = state.iteration > 0 and (state.stale >= config.patience
-                                            or state.iteration >= config.max_iterations)
-
-        run_id = new_run_id(_job_name(config))
-
-        def iterate(client):
-            nonlocal state
-            while not (state.iteration >= config.max_iterations
-                       or (state.iteration > 0 and state.stale >= config.patience)):
-                new, per_class, stats = _run_iteration(
-                    config, store, meta, groups, state, client, radius_px, max_shift_px, mask,
-                    progress)
-                with IterationWriter(out, new.iteration) as folder:
-                    _save_state(folder, new, per_class, px, stats)
-                log(f"iteration {new.iteration}: {new.resolution_A:.2f} Å, level "
-                    f"{stats['level']}{' local' if stats['local'] else ''}, aligned to shell "
-                    f"{stats['r_align_used']:.1f}, median pose change "
-                    f"{stats['median_pose_change_deg']:.2f}°, "
-                    f"{stats['particles_per_s']:.0f} particles/s"
-                    + (f", class sizes {stats['class_sizes']}, "
-                       f"{100 * stats['class_change_fraction']:.1f}% changed class"
-                       if "class_sizes" in stats else ""))
-                publish(client, _progress_event(config, run_id, info, new, per_class, stats))
-                state = new
-
-        if not finished:
-            if client is None:
-                with dask_client(config.cluster) as own:
-                    iterate(own)
-            else:
-                iterate(client)
-        summary = _write_final_outputs(config, store, out, state, time.perf_counter() - t_start)
+            iterate(client)
+    summary = _write_final_outputs(config, store, outputs, state,
+                                   time.perf_counter() - t_start)
+    outputs.publish(last="summary.json", exclude=(ITERATIONS,))
     return summary
 
 
@@ -461,8 +474,9 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -
     return report
 
 
-def _write_final_outputs(config, store, out: Path, state: State, elapsed: float) -> dict:
+def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -> dict:
     info = store.info
+    out = outputs.local
     last = iteration_dir(out, state.iteration)
     k_total = state.n_classes
     reports = {}
@@ -529,6 +543,7 @@ def _write_final_outputs(config, store, out: Path, state: State, elapsed: float)
                     "bfactor_A2": reports[k + 1]["bfactor_A2"] if k + 1 in reports else None,
                     "map": str(out / f"class_{k + 1:03d}" / "map.mrc")}
             for k in range(k_total)}
+    summary = outputs.names(summary)
     write_json(out / "summary.json", summary)
     return summary
 

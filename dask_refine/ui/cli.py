@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="soft (posterior-weighted) class assignment (default: hard)")
         else:
             p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
-        p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
+        p.add_argument("--out", required=True, help="output folder (also the checkpoint), or an "
+                       "object-store URL (s3://…, gs://…) the outputs are uploaded to")
         p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A, metavar="Å",
                        help="low-pass the initial map to this resolution (default: %(default)s Å)")
         p.add_argument("--max-iterations", type=int, default=d.max_iterations, metavar="N",
@@ -421,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="Reconstruction Only: half maps, FSC, full map")
     p.add_argument("store", help=STORE_HELP)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder, or an object-store URL "
+                       "(s3://…, gs://…) the outputs are uploaded to")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     p.add_argument("--mask-diameter-A", type=float, metavar="Å",
                    help="soft spherical mask diameter for the FSC, in Å (default: no mask)")
@@ -440,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="one self-contained HTML page of a job's results "
                        "(DIR/report.html: key figures, plots, iterations, classes, outputs)")
-    p.add_argument("dir", metavar="DIR", help="a job's output folder (with summary.json)")
+    p.add_argument("dir", metavar="DIR", help="a job's output folder (with summary.json), or "
+                   "its object-store URL (the page is uploaded there)")
     p.set_defaults(func=cmd_report)
     return parser
 

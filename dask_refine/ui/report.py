@@ -15,13 +15,18 @@ import csv
 import html
 import json
 import os
+import re
 from pathlib import Path
 
 from ..io.errors import InputError
+from ..io.output_folder import OutputFolder
+from ..jobs.checkpoint import ITERATIONS
 
 FIGURES = (("fsc.png", "Fourier shell correlation"), ("guinier.png", "Guinier plot and B-factor"),
            ("orientations.png", "Viewing directions"), ("slices.png", "Central slices"))
 OUTPUT_SUFFIXES = (".mrc", ".csv", ".star", ".json", ".png")
+PAGE_INPUTS = (".json", ".csv", ".png")  # what the page reads (maps and stacks are only linked)
+CLASS_FOLDER = re.compile(r"class_[0-9]{3}")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
@@ -144,18 +149,36 @@ def _classes(job_dir: Path, summary: dict) -> str:
     return "<h2>Classes</h2>" + table + "".join(sections)
 
 
-def _output_links(job_dir: Path) -> str:
-    """Relative links to the output files of the folder and its class folders."""
-    items = []
+def _listing(job_dir: Path) -> dict[str, int]:
+    """Sizes of the files in a local job folder (its class folders too; ``iterations/`` as one
+    entry of size 0), by relative path."""
+    files = {}
     for folder in [job_dir, *sorted(job_dir.glob("class_[0-9][0-9][0-9]"))]:
         for path in sorted(folder.iterdir()):
-            if (path.is_file() and path.suffix in OUTPUT_SUFFIXES
-                    and not path.name.startswith(".") and path.name != "report.html"):
-                rel = path.relative_to(job_dir).as_posix()
-                size = path.stat().st_size
-                size = f"{size / 1e6:.2f} MB" if size > 1e5 else f"{size / 1e3:.1f} kB"
-                items.append(f'<li><a href="{_e(rel)}">{_e(rel)}</a> ({size})</li>')
-    if (job_dir / "iterations").is_dir():
+            if path.is_file():
+                files[path.relative_to(job_dir).as_posix()] = path.stat().st_size
+    if (job_dir / ITERATIONS).is_dir():
+        files[f"{ITERATIONS}/"] = 0
+    return files
+
+
+def _is_output(rel: str) -> bool:
+    """An output file the page links to: the job folder's and its class folders' MRC, CSV,
+    STAR, JSON and PNG files (not the page itself, hidden files or checkpoints)."""
+    parts = rel.split("/")
+    return (Path(rel).suffix in OUTPUT_SUFFIXES and not parts[-1].startswith(".")
+            and rel != "report.html"
+            and (len(parts) == 1 or (len(parts) == 2 and CLASS_FOLDER.fullmatch(parts[0]))))
+
+
+def _output_links(files: dict[str, int]) -> str:
+    """Relative links to the output files (``files``: size in bytes by relative path)."""
+    items = []
+    for rel, size in files.items():
+        if _is_output(rel):
+            size = f"{size / 1e6:.2f} MB" if size > 1e5 else f"{size / 1e3:.1f} kB"
+            items.append(f'<li><a href="{_e(rel)}">{_e(rel)}</a> ({size})</li>')
+    if f"{ITERATIONS}/" in files:
         items.append('<li><a href="iterations/">iterations/</a> (per-iteration checkpoints)</li>')
     return "<h2>Output files</h2><ul>" + "".join(items) + "</ul>"
 
@@ -174,12 +197,16 @@ def read_summary(job_dir) -> dict:
         raise InputError(path, f"not valid JSON ({exc})") from None
 
 
-def build_report(job_dir) -> str:
-    """The HTML page for a job folder (a string; see :func:`write_report`)."""
+def build_report(job_dir, location: str | None = None,
+                 files: dict[str, int] | None = None) -> str:
+    """The HTML page for a job folder (a string; see :func:`write_report`). ``location``: the
+    folder's name on the page (default: its absolute path); ``files``: the outputs to link, size
+    by relative path (default: what is in ``job_dir``)."""
     job_dir = Path(job_dir)
     summary = read_summary(job_dir)
-    title = f"dask-refine {summary.get('job', 'job')}: {job_dir.resolve().name}"
-    parts = [f"<h1>{_e(title)}</h1><p class='sub'>{_e(job_dir.resolve())}</p>",
+    location = location or str(job_dir.resolve())
+    title = f"dask-refine {summary.get('job', 'job')}: {location.rstrip('/').split('/')[-1]}"
+    parts = [f"<h1>{_e(title)}</h1><p class='sub'>{_e(location)}</p>",
              "<h2>Key figures</h2>",
              _table(None, _key_figures(summary), key_columns=2),
              _figures(job_dir)]
@@ -189,16 +216,34 @@ def build_report(job_dir) -> str:
     if (job_dir / "config.json").is_file():
         parts.append("<details><summary>config.json</summary><pre>"
                      + _e((job_dir / "config.json").read_text()) + "</pre></details>")
-    parts.append(_output_links(job_dir))
+    parts.append(_output_links(_listing(job_dir) if files is None else files))
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(job_dir) -> Path:
-    """Write ``job_dir/report.html`` atomically; returns its path."""
-    page = build_report(job_dir)
-    path = Path(job_dir) / "report.html"
-    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def write_report(job_dir) -> str:
+    """Write ``job_dir/report.html`` atomically; returns its path (or URL).
+
+    ``job_dir`` may be an object-store URL: the page's inputs (JSON, CSV and PNG files, not the
+    maps) are downloaded to a staging folder, and the page is uploaded beside them."""
+    with OutputFolder(job_dir) as folder:
+        files = None
+        if folder.is_remote:
+            remote = folder.published(exclude=(ITERATIONS,))
+            if "summary.json" not in remote:
+                raise InputError(folder.location, "no summary.json; expected the output "
+                                 "folder of a finished reconstruct/refine job")
+            folder.fetch(r for r in remote if Path(r).suffix in PAGE_INPUTS)
+            files = dict(remote)
+            if folder.remote_files(f"{ITERATIONS}/iter_*/state.json"):
+                files[f"{ITERATIONS}/"] = 0
+            for rel in remote:  # class folders, as the page finds them
+                if "/" in rel:
+                    (folder.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        page = build_report(folder.local, folder.location if folder.is_remote else None, files)
+        path = folder.local / "report.html"
+        tmp = path.with_name(f".report.html.tmp{os.getpid()}")
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+        folder.publish("report.html")
+        return folder.name(path)
