@@ -70,7 +70,7 @@ def staging_root(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, demo_map):
     root = tmp_path_factory.mktemp("urls")
-    return root, small_refine_dataset(root, demo_map, n_particles=64, chunk_size=16,
+    return root, small_refine_dataset(root, demo_map, n_particles=40, chunk_size=10,
                                       write_poses=True)
 
 
@@ -223,7 +223,8 @@ def test_refine_to_a_url_resumes_from_it(s3_env, dataset, tmp_path, staging_root
 
     def config(out, **kw):  # a coarse search: the test is about the outputs, not the poses
         return RefineConfig(store=str(root / "p.zarr"), initial_map=str(root / "initial.mrc"),
-                            out_dir=out, **{"max_iterations": 2, "max_level": 4, **kw})
+                            out_dir=out, **{"max_iterations": 2, "max_level": 4,
+                                               "global_iterations": 1, **kw})
 
     url = f"s3://{BUCKET}/jobs/refine-resume"
     logs = []
