@@ -208,13 +208,14 @@ def job_script(launcher, config_path: Path, profile: str, capsys) -> tuple[str, 
 # --------------------------------------------------------------------------- Dockerfile
 
 def test_dockerfile_installs_like_ci():
-    """The image's pip commands are CI's, in the same order, with [gpu] for [test]."""
+    """The image's pip commands are CI's, in the same order, with [gpu,cloud] for [test]."""
     # CI's installs of pip and of this package (test-only tools CI adds are not the image's)
     ci = [c for c in pip_installs(shell_commands((ROOT / ".ci/run").read_text()))
           if any(t == "pip" or t.startswith(".") for t in c[4:])]
     docker = pip_installs(shell_commands((DEPLOY / "Dockerfile").read_text(), prefix="RUN"))
     assert [".[test]"] in [c[4:] for c in ci], ci
-    assert docker == [[".[gpu]" if t == ".[test]" else t for t in c] for c in ci], (docker, ci)
+    assert docker == [[".[gpu,cloud]" if t == ".[test]" else t for t in c] for c in ci], \
+        (docker, ci)
 
     extras = pyproject()["project"]["optional-dependencies"]
     assert any(d.startswith("dask-cuda") for d in extras["gpu"])
@@ -238,7 +239,7 @@ def test_dockerfile_copies_what_the_install_needs():
             assert dest.rstrip("/") in (".", "./" + sources[0].rstrip("/")), rest
             copied |= {s.rstrip("/") for s in sources}
             copy_dirs.add(workdir)
-        elif '".[gpu]"' in rest:
+        elif '".[gpu,cloud]"' in rest:
             install_dirs.append(workdir)
     project = pyproject()
     needed = {"pyproject.toml", project["project"]["readme"]}
