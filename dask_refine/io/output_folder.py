@@ -178,14 +178,23 @@ class OutputFolder:
                 sizes[r] = int(info.get("size") or 0)
         return dict(sorted(sizes.items()))
 
-    # the lock primitive -----------------------------------------------------------------------
+    # the lock primitives (local or remote) ----------------------------------------------------
 
     def create_exclusive(self, rel: str, text: str) -> bool:
-        """Create the published file ``rel`` holding ``text`` only if it does not exist
-        (a conditional put); False when it exists."""
-        path = self._remote(rel)
+        """Create the file ``rel`` holding ``text`` only if it does not exist, atomically
+        (``O_EXCL`` on disk, a conditional put at a URL); False when it exists."""
+        if self.url is None:
+            path = self.local / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            return True
         try:
-            with self.fs.open(path, "xb") as fh:
+            with self.fs.open(self._remote(rel), "xb") as fh:
                 fh.write(text.encode())
         except FileExistsError:
             return False
@@ -199,14 +208,19 @@ class OutputFolder:
         return True
 
     def read_text(self, rel: str) -> str | None:
-        """The published file ``rel`` as text, or None when it does not exist."""
+        """The file ``rel`` (published, or local) as text, or None when it cannot be read."""
         try:
+            if self.url is None:
+                return (self.local / rel).read_text()
             return self.fs.cat_file(self._remote(rel)).decode()
-        except FileNotFoundError:
+        except (OSError, UnicodeDecodeError):  # FileNotFoundError included
             return None
 
     def remove(self, rel: str) -> None:
-        """Delete the published file ``rel`` (no error when it is gone)."""
+        """Delete the file ``rel`` (published, or local; no error when it is gone)."""
+        if self.url is None:
+            (self.local / rel).unlink(missing_ok=True)
+            return
         try:
             self.fs.rm_file(self._remote(rel))
         except FileNotFoundError:

@@ -44,13 +44,12 @@ class RunLock:
 
     def __init__(self, out):
         self.out = out if isinstance(out, OutputFolder) else OutputFolder(out)
-        self.where = (f"{self.out.url}/{self.NAME}" if self.out.is_remote
-                      else str(self.out.local / self.NAME))
+        self.where = self.out.name(self.out.local / self.NAME)
 
     def __enter__(self):
         text = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
-            if self._create(text):
+            if self.out.create_exclusive(self.NAME, text):
                 return self
             host, pid = self._owner()
             if host not in (None, socket.gethostname()):
@@ -60,40 +59,13 @@ class RunLock:
             if pid and _alive(pid):
                 raise InputError(self.out.location, f"another run (PID {pid}) is using this "
                                  "output folder; wait for it or choose another --out")
-            self._remove()  # stale lock of a dead run
+            self.out.remove(self.NAME)  # stale lock of a dead run
         raise InputError(self.out.location, "could not take the output folder's lock")
-
-    def _create(self, text: str) -> bool:
-        if self.out.is_remote:
-            return self.out.create_exclusive(self.NAME, text)
-        path = self.out.local / self.NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        return True
-
-    def _read(self) -> str | None:
-        if self.out.is_remote:
-            return self.out.read_text(self.NAME)
-        try:
-            return (self.out.local / self.NAME).read_text()
-        except OSError:
-            return None
-
-    def _remove(self) -> None:
-        if self.out.is_remote:
-            self.out.remove(self.NAME)
-        else:
-            (self.out.local / self.NAME).unlink(missing_ok=True)
 
     def _owner(self) -> tuple[str | None, int | None]:
         """``(host, pid)`` of the lock's holder (host None for a lock that names only a PID)."""
         try:
-            fields = (self._read() or "").split()
+            fields = (self.out.read_text(self.NAME) or "").split()
             if len(fields) == 1:
                 return None, int(fields[0])
             return fields[0], int(fields[1])
@@ -101,7 +73,7 @@ class RunLock:
             return None, None
 
     def __exit__(self, *exc):
-        self._remove()
+        self.out.remove(self.NAME)
 
 
 def _alive(pid: int) -> bool:
