@@ -147,6 +147,22 @@ def test_import_cs(tmp_path, rng):
     assert s.attrs["provenance"]["created_by"] == "dask_refine.import_cs"
 
 
+def test_cs_store_exported_as_star_refers_to_the_original_stacks(tmp_path, rng):
+    """A .cs-imported store's STAR names each image as cryoSPARC found it (blob/idx + 1 @
+    blob/path, '>' dropped; pyem's csparc2star does the same) instead of copying the stack, and
+    reading that STAR from the project folder gives the same images back."""
+    cs, t, images = _cs_project(tmp_path, rng)
+    s = import_cs(cs, tmp_path / "p.zarr", chunk_size=3)
+    star = export_star(s, tmp_path / "P7" / "particles.star")
+    assert not list((tmp_path / "P7").glob("*.mrcs"))  # nothing copied
+    names = list(starfile.read(star)["particles"]["rlnImageName"])
+    paths = [p.decode().removeprefix(">") for p in t["blob/path"]]
+    assert names == [f"{i + 1:06d}@{p}" for i, p in zip(t["blob/idx"], paths)]
+    again = import_star(star, tmp_path / "again.zarr")
+    np.testing.assert_array_equal(again.images[:], images)
+    np.testing.assert_allclose(again.read_column("defocus_u_A"), s.read_column("defocus_u_A"))
+
+
 def _fields_identical(out, t):
     """Every field of ``t`` is in ``out`` with the same dtype and the same bytes."""
     for name in t.dtype.names:
@@ -353,6 +369,13 @@ def test_simulated_store_round_trip(tmp_path, demo_map):
                        SimulationConfig(n_particles=100, snr=1.0, chunk_size=40), write_poses=True)
     cs = export_cs(s, tmp_path / "out" / "sim.cs")
     assert (tmp_path / "out" / "sim.mrcs").exists()  # simulated images written beside the .cs
+    # a stack that already holds the images (the STAR export's) is referred to, not rewritten
+    star = export_star(s, tmp_path / "out" / "sim.star", write_images=True)
+    shared = export_cs(s, tmp_path / "out" / "shared.cs", stack_path=star.with_suffix(".mrcs"))
+    assert not (tmp_path / "out" / "shared.mrcs").exists()
+    assert set(np.load(shared)["blob/path"]) == {b"sim.mrcs"}
+    np.testing.assert_array_equal(import_cs(shared, tmp_path / "shared.zarr").images[:],
+                                  s.images[:])
     assert len(Dataset.load(cs)) == 100
     s2 = import_cs(cs, tmp_path / "again.zarr")
     truth = s.read_column("rotation", group=GROUND_TRUTH)

@@ -28,6 +28,30 @@ def test_stack_round_trip(tmp_path, rng):
             r.read([5])
 
 
+def test_stack_written_block_by_block_from_a_zarr_array(tmp_path, rng):
+    """A stack written from a chunked (zarr) array, a few rows at a time, is the stack written
+    from the whole array in memory: same data, same header (statistics to float rounding)."""
+    import zarr
+
+    imgs = (3 * rng.standard_normal((37, 8, 8)) + 1).astype(np.float32)
+    chunked = zarr.open_array(tmp_path / "i.zarr", mode="w", shape=imgs.shape, chunks=(10, 8, 8),
+                              dtype="f4")
+    chunked[:] = imgs
+    write_stack(tmp_path / "whole.mrcs", imgs, 1.3, rows_per_block=len(imgs))
+    write_stack(tmp_path / "blocks.mrcs", chunked, 1.3)  # its chunks: 10 rows at a time
+    with mrcfile.open(tmp_path / "whole.mrcs") as a, mrcfile.open(tmp_path / "blocks.mrcs") as b:
+        np.testing.assert_array_equal(b.data, imgs)
+        assert b.is_image_stack() and b.voxel_size.x == pytest.approx(1.3)
+        for field in a.header.dtype.names:
+            if field in ("dmin", "dmax", "dmean", "rms"):
+                assert float(b.header[field]) == pytest.approx(float(a.header[field]), rel=1e-6)
+            else:
+                assert np.array_equal(b.header[field], a.header[field]), field
+        assert float(b.header.rms) == pytest.approx(float(imgs.std()), rel=1e-5)
+        assert float(b.header.dmin) == imgs.min() and float(b.header.dmax) == imgs.max()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         read_map(tmp_path / "nope.mrc")

@@ -44,6 +44,9 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
     for name in ("map.mrc", "half_A.mrc", "half_B.mrc", "fsc.csv", "fsc.png", "iterations.csv",
                  "particles.star", "summary.json", "config.json"):
         assert (tmp_path / "out" / name).exists(), name
+    # the simulated images are written once, and both particle files refer to that stack
+    assert [p.name for p in (tmp_path / "out").glob("*.mrcs")] == ["particles.mrcs"]
+    assert set(np.load(tmp_path / "out" / "particles.cs")["blob/path"]) == {b"particles.mrcs"}
     poses = np.load(tmp_path / "out" / "iterations" / f"iter_{summary['iterations']:03d}"
                     / "poses.npz")
     err = angular_distance_deg(poses["rotation"], store.read_column("rotation", GROUND_TRUTH))

@@ -292,7 +292,9 @@ def _pixel_size_A(table, where, override) -> float:
     return float(values[0])
 
 
-def _image_refs(table, where) -> tuple[np.ndarray, list[str]]:
+def image_refs(table, where) -> tuple[np.ndarray, list[str]]:
+    """``(blob/idx, blob/path)`` of a .cs table: 0-based image indices and stack paths (leading
+    ``>`` removed); ``where`` names the file in errors."""
     paths = _field(table, "blob/path", where, "SU", (), "a path (string)", required=True)
     index = _integers(table, "blob/idx", where, high=2**62,
                       expected="a 0-based image index ≥ 0")
@@ -339,7 +341,7 @@ def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
     table = read_cs(cs_path)
     angpix = _pixel_size_A(table, where, pixel_size_A)
     meta = _columns(table, where, angpix)
-    image_index, image_files = _image_refs(table, where)
+    image_index, image_files = image_refs(table, where)
     resolved = resolve_stacks(image_files, cs_path, images_root, field="blob/path")
     box = stack_box_size(resolved[image_files[0]])
     _check_blob_shape(table, where, box)
@@ -416,7 +418,7 @@ def read_raw_cs(store: ParticleStore) -> np.ndarray | None:
 
 # ---- export -----------------------------------------------------------------------------------
 def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
-              write_images: bool | None = None) -> Path:
+              write_images: bool | None = None, stack_path=None) -> Path:
     """Write the store's particles (with ``poses``, or the store's own pose columns) as a
     cryoSPARC ``.cs`` file (NumPy format, loadable by cryosparc-tools ``Dataset.load``).
 
@@ -426,7 +428,9 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     stores get ``uid``, ``blob/*``, ``ctf/*`` and, with poses, ``alignments3D/*``. Image
     references come from the .cs or STAR the store was imported from; otherwise (simulated
     stores) the images are written to ``<cs stem>.mrcs`` beside the .cs (``write_images``,
-    default: when needed). Written atomically (temporary name, then rename).
+    default: when needed), unless ``stack_path`` names a stack that already holds them in order
+    (then ``blob/path`` refers to it, relative to the .cs). Written atomically (temporary name,
+    then rename).
     """
     cs_path = Path(cs_path)
     info = store.info
@@ -475,7 +479,7 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     if "uid" not in raw_names:
         emit("uid", _uids(store), np.uint64)
     if write_images or not {"blob/path", "blob/idx"} <= set(raw_names):
-        index, paths = _image_refs_for_export(store, cs_path, write_images)
+        index, paths = _image_refs_for_export(store, cs_path, write_images, stack_path)
         emit("blob/path", np.array([os.fsencode(p) for p in paths]), "S")
         emit("blob/idx", index, np.uint32)
     if "blob/shape" not in raw_names:
@@ -550,16 +554,23 @@ def _uids(store: ParticleStore) -> np.ndarray:
                                                 dtype=np.uint64, endpoint=True)
 
 
-def _image_refs_for_export(store: ParticleStore, cs_path: Path, write_images):
-    """(0-based index, stack path) per particle: the imported STAR's ``rlnImageName`` or a new
-    ``<cs stem>.mrcs`` holding the store's images."""
+def _image_refs_for_export(store: ParticleStore, cs_path: Path, write_images,
+                           stack_path=None):
+    """(0-based index, stack path) per particle: the imported STAR's ``rlnImageName``, else
+    ``stack_path`` (a stack already holding the store's images in order, e.g. the one
+    :func:`..star.export_star` wrote beside the STAR), else a new ``<cs stem>.mrcs`` holding the
+    store's images (written block by block)."""
     from .star import _parse_image_names
 
     star_columns = store.attrs.get("star_columns", [])
     if not write_images and "rlnImageName" in star_columns:
         names = store.read_column("rlnImageName", group=STAR_GROUP)
         return _parse_image_names(names, f"{store.path}/{STAR_GROUP}")
-    stack = cs_path.with_suffix(".mrcs")
-    write_stack(stack, store.images[:], store.info.pixel_size_A)
     n = store.info.n_particles
+    if stack_path is not None and not write_images:
+        stack = Path(stack_path)
+        rel = os.path.relpath(stack, cs_path.parent)
+        return np.arange(n), [Path(rel).as_posix()] * n
+    stack = cs_path.with_suffix(".mrcs")
+    write_stack(stack, store.images, store.info.pixel_size_A)
     return np.arange(n), [stack.name] * n

@@ -119,9 +119,37 @@ def write_map(path, volume, voxel_size_A: float) -> None:
     _atomic_new_mrc(path, data, voxel_size_A)
 
 
-def write_stack(path, images, voxel_size_A: float) -> None:
-    """Write images ``(n, D, D)`` as an MRC stack (``.mrcs``, ispg 0), atomically."""
-    data = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
-    if data.ndim != 3:
-        raise ValueError(f"write_stack expects (n, D, D) images, got shape {data.shape}")
-    _atomic_new_mrc(path, data, voxel_size_A, stack=True)
+def write_stack(path, images, voxel_size_A: float, rows_per_block: int | None = None) -> None:
+    """Write images ``(n, D, D)`` as a float32 MRC stack (``.mrcs``, ispg 0), atomically.
+
+    ``images``: an array, or anything that slices like one (a zarr array): it is copied
+    ``rows_per_block`` rows at a time (default: its chunks, else 1024) into a memory-mapped file,
+    so a stack larger than memory is never loaded whole. Header statistics (dmin, dmax, dmean,
+    rms) are accumulated block by block, as mrcfile's ``update_header_stats`` computes them."""
+    shape = tuple(int(s) for s in images.shape)
+    if len(shape) != 3:
+        raise ValueError(f"write_stack expects (n, D, D) images, got shape {shape}")
+    chunks = getattr(images, "chunks", None)
+    block = int(rows_per_block or (chunks[0] if chunks and isinstance(chunks[0], int) else 1024))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    lo, hi, total, squares, count = np.inf, -np.inf, 0.0, 0.0, 0
+    with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=2, overwrite=True) as mrc:
+        for start in range(0, shape[0], max(1, block)):
+            rows = np.asarray(images[start:start + block], dtype=np.float32)
+            mrc.data[start:start + rows.shape[0]] = rows
+            if rows.size:
+                lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
+                total += float(rows.sum(dtype=np.float64))
+                squares += float(np.square(rows, dtype=np.float64).sum())
+                count += rows.size
+        mrc.voxel_size = voxel_size_A
+        mrc.header.origin = (0.0, 0.0, 0.0)
+        mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
+        mrc.set_image_stack()
+        if count:
+            mean = total / count
+            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
+            mrc.header.rms = np.sqrt(max(0.0, squares / count - mean * mean))
+    os.replace(tmp, path)

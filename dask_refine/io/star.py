@@ -212,13 +212,36 @@ def _jsonable(records):
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]
 
 
+def _cs_image_names(store: ParticleStore) -> np.ndarray | None:
+    """``rlnImageName`` of a store imported from a .cs file (``blob/idx`` + 1 ``@`` ``blob/path``,
+    cryoSPARC's leading ``>`` dropped), or None for other stores."""
+    from .cryosparc import image_refs, read_raw_cs  # cryosparc.py imports this module
+
+    raw = read_raw_cs(store)
+    if raw is None or not {"blob/path", "blob/idx"} <= set(raw.dtype.names):
+        return None
+    index, files = image_refs(raw, f"{store.path} (cs/)")
+    return np.array([f"{int(i) + 1:06d}@{f}" for i, f in zip(index, files)])
+
+
+def has_image_files(store: ParticleStore) -> bool:
+    """Whether the store's images came from files the exports can refer to (an imported STAR or
+    .cs), rather than having to be written out (a simulated store)."""
+    return ("rlnImageName" in store.attrs.get("star_columns", [])
+            or _cs_image_names(store) is not None)
+
+
 def export_star(store: ParticleStore, star_path, poses: dict | None = None,
                 write_images: bool | None = None) -> Path:
     """Write the store's particles (with ``poses``, or the store's own pose columns) as a RELION
     3.1 STAR file. Original columns of an imported STAR are kept; pose, class and CTF columns are
     written from the store/poses; the per-particle scale goes to ``rlnCtfScalefactor`` (it
-    multiplies the CTF in RELION's image model, as our scale does). Stores without original image files (simulated) get their
-    images written to ``<star stem>.mrcs`` beside the STAR (``write_images``, default: when needed).
+    multiplies the CTF in RELION's image model, as our scale does). Images are referred to where
+    they came from: an imported STAR's ``rlnImageName``, or an imported .cs's ``blob/idx`` and
+    ``blob/path`` as ``NNNNNN@path`` (1-based, the path relative to the cryoSPARC project, as
+    pyem's ``csparc2star`` writes it). Stores without original image files (simulated) get their
+    images written to ``<star stem>.mrcs`` beside the STAR, block by block (``write_images``,
+    default: when needed).
     """
     star_path = Path(star_path)
     info = store.info
@@ -229,11 +252,15 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
     columns: dict[str, np.ndarray] = {}
     for label in attrs.get("star_columns", []):
         columns[label] = store.read_column(label, group=STAR_GROUP)
+    if "rlnImageName" not in columns:
+        names = _cs_image_names(store)
+        if names is not None:
+            columns["rlnImageName"] = names
     if write_images is None:
         write_images = "rlnImageName" not in columns
     if write_images:
         stack = star_path.with_suffix(".mrcs")
-        write_stack(stack, store.images[:], info.pixel_size_A)
+        write_stack(stack, store.images, info.pixel_size_A)
         columns["rlnImageName"] = np.array([f"{i + 1:06d}@{stack.name}" for i in range(n)])
     optics_group = store.read_column("optics_group")
     columns["rlnOpticsGroup"] = optics_group.astype(np.int64)

@@ -41,7 +41,7 @@ from ..io.errors import InputError
 from ..io.figures import write_job_figures
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv, write_json
-from ..io.star import export_star
+from ..io.star import export_star, has_image_files
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
@@ -515,8 +515,10 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
              "scale": state.scale}
     if state.class_id is not None:
         poses["class_id"] = state.class_id
-    export_star(store, out / "particles.star", poses=poses)
-    export_cs(store, out / "particles.cs", poses=poses)
+    star = export_star(store, out / "particles.star", poses=poses)
+    # a simulated store's images were just written beside the STAR: the .cs refers to them too
+    export_cs(store, out / "particles.cs", poses=poses,
+              stack_path=None if has_image_files(store) else star.with_suffix(".mrcs"))
     if state.class_id is not None:
         _write_class_subsets(out / "particles.star", state.class_id, k_total)
     summary = {
