@@ -12,6 +12,16 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def dead_pid() -> int:
+    """The PID of a process that has exited (for stale-lock tests)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def downsample_to_32(volume) -> np.ndarray:
     """A box-64 map Fourier-cropped to box 32 (twice the pixel size)."""
     return fourier_downsample(volume, 32)

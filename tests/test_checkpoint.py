@@ -3,19 +3,12 @@ over; a lock from another host is refused with the host and the way out named.""
 
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from dask_refine.io.errors import InputError
 from dask_refine.jobs.checkpoint import RunLock
-
-
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
+from helpers import dead_pid
 
 
 def test_lock_records_host_and_pid_and_is_released(tmp_path):
@@ -28,7 +21,7 @@ def test_lock_records_host_and_pid_and_is_released(tmp_path):
 
 @pytest.mark.parametrize("content", ["{pid}", "{host} {pid}"])
 def test_stale_lock_of_a_dead_local_process_is_taken_over(tmp_path, content):
-    (tmp_path / ".lock").write_text(content.format(host=socket.gethostname(), pid=_dead_pid()))
+    (tmp_path / ".lock").write_text(content.format(host=socket.gethostname(), pid=dead_pid()))
     with RunLock(tmp_path):
         assert (tmp_path / ".lock").read_text().endswith(str(os.getpid()))
 

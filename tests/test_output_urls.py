@@ -31,7 +31,7 @@ from dask_refine.jobs.reconstruct import ReconstructConfig, run_reconstruct  # n
 from dask_refine.jobs.refine import RefineConfig, run_refine  # noqa: E402
 from dask_refine.parallel.cluster import ClusterConfig, dask_client  # noqa: E402
 from dask_refine.ui.cli import main  # noqa: E402
-from helpers import BUCKET, small_refine_dataset  # noqa: E402
+from helpers import BUCKET, dead_pid, small_refine_dataset  # noqa: E402
 
 
 def _s3():
@@ -149,12 +149,6 @@ def test_a_half_uploaded_iteration_is_never_resumed(s3_env, tmp_path):
             check_resumable(out, {"pad": 2}, False, ["pad"])
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 def test_the_lock_at_a_url_is_a_conditional_put(s3_env):
     url = f"s3://{BUCKET}/jobs/locked"
     lock = url.removeprefix("s3://") + "/.lock"
@@ -163,7 +157,7 @@ def test_the_lock_at_a_url_is_a_conditional_put(s3_env):
         with OutputFolder(url) as other, pytest.raises(InputError, match="another run"):
             RunLock(other).__enter__()
     assert not _s3().exists(lock)
-    _s3().pipe(lock, f"{socket.gethostname()} {_dead_pid()}".encode())  # a killed run's lock
+    _s3().pipe(lock, f"{socket.gethostname()} {dead_pid()}".encode())  # a killed run's lock
     with OutputFolder(url) as out, RunLock(out):
         assert _s3().cat_file(lock).decode().endswith(str(os.getpid()))
     _s3().pipe(lock, b"refine-pod-7f9c 1")
