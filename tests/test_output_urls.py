@@ -168,7 +168,7 @@ def test_the_lock_at_a_url_is_a_conditional_put(s3_env):
     assert _s3().cat_file(lock) == b"refine-pod-7f9c 1"  # left for the user
 
 
-def test_an_unreachable_output_url_is_one_clear_error(tmp_path, monkeypatch):
+def test_an_unreachable_output_url_is_one_clear_error(tmp_path, monkeypatch, staging_root):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
@@ -181,7 +181,17 @@ def test_an_unreachable_output_url_is_one_clear_error(tmp_path, monkeypatch):
         with OutputFolder("s3://b/out", storage_options={"connect_timeout": 2, "retries": 0}):
             pass
     s3fs.S3FileSystem.clear_instance_cache()
-    assert list(tmp_path.iterdir()) == []  # no local folder "s3:/b/out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staging"]  # no local "s3:/b/out"
+    assert list(staging_root.glob("dask-refine-out-*")) == []  # nor a staging folder left
+
+
+def test_a_filesystem_without_exclusive_create_is_refused(staging_root):
+    """fsspec's HTTP filesystem is read-only: no conditional put, so no lock and no run."""
+    with pytest.raises(InputError, match="http://127.0.0.1:9/out: this filesystem cannot create "
+                                         "a file exclusively"):
+        with OutputFolder("http://127.0.0.1:9/out") as out, RunLock(out):
+            pass
+    assert list(staging_root.glob("dask-refine-out-*")) == []
 
 
 def _refine_cmd(root, out, *extra):

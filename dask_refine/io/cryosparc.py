@@ -394,12 +394,18 @@ def _write_raw(store: ParticleStore, table: np.ndarray) -> None:
     store.group.attrs["cs_dtype"] = repr(np.lib.format.dtype_to_descr(table.dtype))
 
 
+def raw_cs_dtype(store: ParticleStore) -> np.dtype | None:
+    """The dtype (field names and types) of the .cs table a store was imported from, or None;
+    nothing is read but the store's attributes."""
+    text = store.attrs.get("cs_dtype")
+    return np.lib.format.descr_to_dtype(ast.literal_eval(text)) if text else None
+
+
 def read_raw_cs(store: ParticleStore) -> np.ndarray | None:
     """The .cs table a store was imported from (every field, original dtypes), or None."""
-    text = store.attrs.get("cs_dtype")
-    if not text:
+    dtype = raw_cs_dtype(store)
+    if dtype is None:
         return None
-    dtype = np.lib.format.descr_to_dtype(ast.literal_eval(text))
     n = store.info.n_particles
     table = np.zeros(n, dtype=dtype)
     for name in dtype.names:

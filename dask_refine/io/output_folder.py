@@ -59,7 +59,11 @@ class OutputFolder:
 
     def __enter__(self) -> "OutputFolder":
         if self.url is not None:
-            self._check_reachable()
+            try:
+                self._check_reachable()
+            except BaseException:
+                self.close()  # __exit__ is not called when __enter__ raises
+                raise
         return self
 
     def __exit__(self, *exc):
@@ -198,10 +202,10 @@ class OutputFolder:
                 fh.write(text.encode())
         except FileExistsError:
             return False
-        except (NotImplementedError, ValueError) as exc:
-            raise InputError(self.url, "this object store cannot create a file exclusively "
-                             f"({exc}), so a run cannot lock it; write to a local or shared "
-                             "folder instead") from None
+        except NotImplementedError:  # e.g. a read-only filesystem (http://)
+            raise InputError(self.url, "this filesystem cannot create a file exclusively, so a "
+                             "run cannot lock it; write to a local or shared folder or an "
+                             "object store (s3://, gs://)") from None
         except Exception as exc:
             raise InputError(self.url, f"could not write {rel} to the object store "
                              f"({type(exc).__name__}: {exc})") from None

@@ -212,23 +212,29 @@ def _jsonable(records):
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]
 
 
+def _has_cs_image_refs(store: ParticleStore) -> bool:
+    """Whether the store was imported from a .cs file with ``blob/path`` and ``blob/idx``."""
+    from .cryosparc import raw_cs_dtype  # cryosparc.py imports this module
+
+    dtype = raw_cs_dtype(store)
+    return dtype is not None and {"blob/path", "blob/idx"} <= set(dtype.names)
+
+
 def _cs_image_names(store: ParticleStore) -> np.ndarray | None:
     """``rlnImageName`` of a store imported from a .cs file (``blob/idx`` + 1 ``@`` ``blob/path``,
     cryoSPARC's leading ``>`` dropped), or None for other stores."""
-    from .cryosparc import image_refs, read_raw_cs  # cryosparc.py imports this module
-
-    raw = read_raw_cs(store)
-    if raw is None or not {"blob/path", "blob/idx"} <= set(raw.dtype.names):
+    if not _has_cs_image_refs(store):
         return None
-    index, files = image_refs(raw, f"{store.path} (cs/)")
+    from .cryosparc import image_refs, read_raw_cs
+
+    index, files = image_refs(read_raw_cs(store), f"{store.path} (cs/)")
     return np.array([f"{int(i) + 1:06d}@{f}" for i, f in zip(index, files)])
 
 
 def has_image_files(store: ParticleStore) -> bool:
     """Whether the store's images came from files the exports can refer to (an imported STAR or
     .cs), rather than having to be written out (a simulated store)."""
-    return ("rlnImageName" in store.attrs.get("star_columns", [])
-            or _cs_image_names(store) is not None)
+    return "rlnImageName" in store.attrs.get("star_columns", []) or _has_cs_image_refs(store)
 
 
 def export_star(store: ParticleStore, star_path, poses: dict | None = None,

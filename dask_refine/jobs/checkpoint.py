@@ -136,7 +136,8 @@ def publish_iteration(out: OutputFolder, iteration: int) -> None:
     ``iterations.csv``). Nothing to do for a local folder."""
     if not out.is_remote:
         return
-    out.publish(iteration_dir(".", iteration).as_posix().removeprefix("./"), last="state.json")
+    out.publish(iteration_dir(out.local, iteration).relative_to(out.local).as_posix(),
+                last="state.json")
     previous = iteration_dir(out.local, iteration - 1)
     if previous.is_dir():
         for p in previous.iterdir():
@@ -154,8 +155,8 @@ def fetch_checkpoint(out: OutputFolder, resume: bool) -> None:
               + out.remote_files(f"{ITERATIONS}/iter_*/state.json"))
     done = completed_iterations(out.local)
     if resume and done:
-        last = iteration_dir(".", done[-1]).as_posix().removeprefix("./")
-        out.fetch(out.published(last))
+        out.fetch(out.published(iteration_dir(out.local, done[-1]).relative_to(out.local)
+                                .as_posix()))
 
 
 def check_resumable(out: OutputFolder, config: dict, resume: bool, keys) -> list[int]:
