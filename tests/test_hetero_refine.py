@@ -73,7 +73,7 @@ def test_soft_and_hard_assignment_agree_when_classes_are_clear(mixture):
     from dask_refine.core.backprojection import FourierSums
     from dask_refine.core.noise import noise_weights
     from dask_refine.core.pose_search import SearchParams, amplitude_envelope
-    from dask_refine.core.refine_step import refine_particles
+    from dask_refine.core.refine_step import EStepOptions, refine_particles
 
     root, map_a, map_b = mixture
     store = ParticleStore.open(root / "p.zarr")
@@ -94,8 +94,9 @@ def test_soft_and_hard_assignment_agree_when_classes_are_clear(mixture):
     for soft in (False, True):
         sums = FourierSums.zeros(4, 32)
         step = refine_particles(sums, images, meta, np.zeros(12, int), refs, envelopes,
-                                noise_weights(np.ones(17), 32), params, px, 8.0, n_classes=2,
-                                soft_classes=soft)
+                                noise_weights(np.ones(17), 32), params, px, 8.0,
+                                options=EStepOptions(n_classes=2, soft_classes=soft,
+                                                     marginalize=False))
         out[soft] = (sums, step)
     np.testing.assert_array_equal(out[False][1].class_id, np.r_[np.zeros(6), np.ones(6)])
     assert out[True][1].class_weight.max(axis=1).min() > 0.999

@@ -115,6 +115,22 @@ def scatter_add(target_flat, indices, values) -> None:
         cupyx.scatter_add(target_flat, indices.ravel(), values.ravel().astype(target_flat.dtype))
 
 
+def segment_sums(values, starts):
+    """Sums of consecutive runs of rows: ``out[i] = values[starts[i]:starts[i+1]].sum(0)``
+    (the last run ends at ``len(values)``); ``starts`` a host array, increasing, from 0.
+    NumPy and CuPy alike (``ufunc.reduceat`` on NumPy, cumulative sums in float64 on CuPy)."""
+    xp = array_module(values)
+    starts = np.asarray(starts, np.int64)
+    if xp is np:
+        return np.add.reduceat(values, starts, axis=0)
+    wide = xp.complex128 if xp.iscomplexobj(values) else xp.float64  # pragma: no cover
+    cum = xp.cumsum(values.astype(wide), axis=0)
+    ends = np.append(starts[1:], values.shape[0]) - 1
+    out = cum[xp.asarray(ends)]
+    out[1:] -= cum[xp.asarray(ends[:-1])]
+    return out.astype(values.dtype)
+
+
 def free_device_bytes(xp) -> int | None:
     """Free memory of the current CUDA device in bytes (CuPy), or None on the host (NumPy).
     Counts the blocks CuPy's memory pool holds but does not use as free."""

@@ -17,19 +17,27 @@ def image_shells(box_size: int) -> np.ndarray:
     return np.rint(rfft_radius(box_size, 2)).astype(np.int64)
 
 
-def shell_power_sums(residuals_rfft) -> tuple[np.ndarray, np.ndarray]:
+def shell_power_sums(residuals_rfft, weights=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-shell ``Σ |r_k|²`` over a batch ``(N, D, D//2+1)`` and the number of terms, both
     ``(D//2 + 1,)`` float64, counting Hermitian pairs (sum these over batches, then divide).
-    The residuals may live on a GPU; the shell sums are returned as host arrays."""
+    ``weights`` ``(N,)``: each residual's posterior weight (a marginalised E-step: the poses
+    of one particle weigh 1 together); the counts are weighted alike. The residuals may live
+    on a GPU; the shell sums are returned as host arrays."""
     xp = array_module(residuals_rfft)
     box = residuals_rfft.shape[-2]
     shells = image_shells(box)
     mult = np.broadcast_to(rfft_multiplicity(box, 2), shells.shape)
     n = box // 2 + 1
     keep = shells < n
-    power = to_numpy((xp.abs(residuals_rfft) ** 2).sum(axis=0))
+    power2 = xp.abs(residuals_rfft) ** 2
+    if weights is None:
+        power, total = to_numpy(power2.sum(axis=0)), residuals_rfft.shape[0]
+    else:
+        w = xp.asarray(np.asarray(weights, np.float64))
+        power = to_numpy(xp.tensordot(w, power2, axes=(0, 0)))
+        total = float(np.sum(weights))
     sums = np.bincount(shells[keep], weights=(power * mult)[keep], minlength=n)
-    counts = np.bincount(shells[keep], weights=mult[keep], minlength=n) * residuals_rfft.shape[0]
+    counts = np.bincount(shells[keep], weights=mult[keep], minlength=n) * total
     return sums, counts
 
 
@@ -51,15 +59,10 @@ def noise_weights(sigma2_shells, box_size: int) -> np.ndarray:
     return w[np.minimum(shells, len(w) - 1)]
 
 
-def estimate_scales(images_centred_rfft, model_rfft, weights, max_shell: float) -> np.ndarray:
-    """Per-particle scale at the best pose: ``s = Re⟨C Ŷ, X⟩_w / ‖C Ŷ‖²_w``.
-
-    ``images_centred_rfft`` ``(N, D, H)`` are centred images, ``model_rfft`` the matching CTF-ed
-    projections ``C Ŷ`` computed with scale 1, ``weights`` ``(D, H)`` noise weights; only shells
-    ``< max_shell`` enter (RELION uses those where the reference is reliable, SSNR > 3).
-    Particles whose model has no power there get scale 1. Images and model may live on a GPU;
-    the scales are returned as a host array.
-    """
+def scale_terms(images_centred_rfft, model_rfft, weights, max_shell: float):
+    """``(Re⟨C Ŷ, X⟩_w, ‖C Ŷ‖²_w)`` per image ``(N,)`` over shells ``1 ≤ |k| < max_shell``
+    (host arrays): the numerator and denominator of the least-squares scale, to be summed
+    over a particle's poses with their posterior weights."""
     xp = array_module(images_centred_rfft)
     n, box = images_centred_rfft.shape[0], images_centred_rfft.shape[-2]
     radius = rfft_radius(box, 2)
@@ -71,6 +74,25 @@ def estimate_scales(images_centred_rfft, model_rfft, weights, max_shell: float) 
     y = model_rfft.reshape(n, -1)[:, sel]
     num = to_numpy(xp.sum(mw * (y.conj() * x).real, axis=1))
     den = to_numpy(xp.sum(mw * xp.abs(y) ** 2, axis=1))
+    return num, den
+
+
+def estimate_scales(images_centred_rfft, model_rfft, weights, max_shell: float) -> np.ndarray:
+    """Per-particle scale at the best pose: ``s = Re⟨C Ŷ, X⟩_w / ‖C Ŷ‖²_w``.
+
+    ``images_centred_rfft`` ``(N, D, H)`` are centred images, ``model_rfft`` the matching CTF-ed
+    projections ``C Ŷ`` computed with scale 1, ``weights`` ``(D, H)`` noise weights; only shells
+    ``< max_shell`` enter (RELION uses those where the reference is reliable, SSNR > 3).
+    Particles whose model has no power there get scale 1. Images and model may live on a GPU;
+    the scales are returned as a host array.
+    """
+    num, den = scale_terms(images_centred_rfft, model_rfft, weights, max_shell)
+    return scale_from_terms(num, den)
+
+
+def scale_from_terms(num, den) -> np.ndarray:
+    """``num / den``, and 1 where the model has no power (``den`` = 0)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 

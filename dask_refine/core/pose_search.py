@@ -60,19 +60,26 @@ class SearchParams:
     local_level: int | None = None  # level whose neighbourhood starts a local search
     local_psi_radius: int = 1
     symmetry: str = "C1"  # point group: global searches cover its asymmetric unit only
+    # marginalisation: final poses within this error (−2 log-likelihood) of the best are
+    # returned in ``SearchResult.candidates``, and no candidate within it of the best is pruned
+    posterior_window: float = 0.0
 
 
 @dataclass
 class SearchResult:
     """Best poses for a batch: ``rotation (B, 3, 3)``, ``origin_px (B, 2)``, ``error (B,)`` (the true
     error), ``n_evaluations (B,)`` (pose × shift error evaluations, bounds and true errors alike),
-    and, when asked for, a per-particle ``trace`` of every level."""
+    and, when asked for, a per-particle ``trace`` of every level. ``candidates``: per particle,
+    ``(rotations (m, 3, 3), origins_px (m, 2), errors (m,))`` of every final-level pose whose true
+    error is within ``params.posterior_window`` of the best (the best first); the poses a
+    marginalised E-step weighs."""
 
     rotation: np.ndarray
     origin_px: np.ndarray
     error: np.ndarray
     n_evaluations: np.ndarray
     trace: list | None = None
+    candidates: list | None = None
 
 
 @dataclass
@@ -274,6 +281,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     out_err = np.zeros(n)
     out_evals = np.zeros(n, dtype=np.int64)
     traces = [] if trace else None
+    candidates = []
     for b in range(n):
         p_true = _Particle(data, b, true_pixels)
         if params.local:
@@ -319,11 +327,13 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                               p_true.kx, p_true.ky)
                 true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
                 evals += true_err.size
-                i = int(np.argmin(true_err))
-                out_rot[b] = so3_grid.cell_rotations(lvl, dirs[kr[inv.ravel()[i]]:][:1],
-                                                     psis[kr[inv.ravel()[i]]:][:1])[0]
-                out_origin[b] = pair_origin[keep][i]
-                out_err[b] = true_err[i]
+                order = np.argsort(true_err, kind="stable")
+                near = order[true_err[order] <= true_err[order[0]] + params.posterior_window]
+                cells = kr[inv.ravel()[near]]
+                rots = so3_grid.cell_rotations(lvl, dirs[cells], psis[cells])
+                candidates.append((rots, pair_origin[keep][near], true_err[near]))
+                out_rot[b], out_origin[b], out_err[b] = rots[0], pair_origin[keep][near[0]], \
+                    true_err[near[0]]
                 if trace:
                     levels[-1]["final_errors"] = true_err
                 break
@@ -349,7 +359,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         out_evals[b] = evals
         if trace:
             traces.append(levels)
-    return SearchResult(out_rot, out_origin, out_err, out_evals, traces)
+    return SearchResult(out_rot, out_origin, out_err, out_evals, traces, candidates)
 
 
 def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin, bound, keep,
@@ -387,8 +397,9 @@ def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
 
 
 def _prune(bound, e_star, energy, params: SearchParams) -> np.ndarray:
-    """Indices of candidates whose bound is within ``e_star`` + their grid margin (≤ cap)."""
-    margin = params.margin_fraction * energy
+    """Indices of candidates whose bound is within ``e_star`` + their grid margin + the
+    posterior window (≤ cap)."""
+    margin = params.margin_fraction * energy + params.posterior_window
     keep = np.flatnonzero(bound <= e_star + margin)
     if keep.size == 0:
         keep = np.array([int(np.argmin(bound))])

@@ -1,10 +1,19 @@
-"""One E-step on a batch of particles: search each particle's pose against its half set's
-reference, measure residuals and scales at that pose, and backproject it (the map task of a
-refinement iteration; pure, no I/O).
+"""One E-step on a batch of particles: search each particle's poses against its half set's
+reference(s), weigh them by their posterior, measure residuals and scales over those poses, and
+backproject the particle at each with its weight (the map task of a refinement iteration; pure,
+no I/O).
 
 References are the padded centred rffts of :func:`.projection.prepare_reference_rfft`, one per
 group (half set, or class × half). Poses follow :mod:`.pose_search` (origins in pixels,
-RELION's convention); sums follow :mod:`.backprojection`.
+RELION's convention); sums follow :mod:`.backprojection`; posteriors :mod:`.posterior`.
+
+**Marginalisation** (RELION's expectation step; docs/design.md §E-step): each particle is
+backprojected at every *significant* pose ``j`` (the search's final poses, weighted by
+``p_j ∝ exp(−E_j/2)``, kept up to ``significant_fraction`` of the mass), with data
+``p_j · s C X̂_j`` and weight ``p_j · s² C²``; the noise power and the scale are the
+posterior-weighted sums of the per-pose residuals and scale terms. With
+``marginalize=False`` the posterior is a delta at the best pose (hard assignment), and the
+result is exactly the classical one.
 """
 
 from __future__ import annotations
@@ -13,17 +22,44 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import (array_module, batch_size_for_memory, free_device_bytes, segment_sums,
+                      to_numpy)
 from .backprojection import FourierSums, particle_ctfs
 from .fourier import centred_rfftn, translate_rfft
-from .noise import estimate_scales, shell_power_sums
+from .noise import scale_from_terms, scale_terms, shell_power_sums
 from .pose_search import ParticleData, SearchParams, branch_and_bound
+from .posterior import class_evidence, significant_poses, softmax
 from .projection import extract_central_slices_rfft, insert_central_slices_rfft
+from .rotations import angular_distance_deg
+
+
+@dataclass(frozen=True)
+class EStepOptions:
+    """How the E-step weighs poses and classes.
+
+    ``marginalize``: backproject over the significant poses with their posterior weights
+    (False: at the best pose only). ``soft_classes``: the posterior runs over classes and poses
+    together (False: each particle goes to its most probable class, and is marginalised over
+    that class's poses). ``log_class_prior``: ``log π_k`` per class (None: uniform).
+    ``max_significant_poses`` caps the poses of one particle (largest weights kept).
+    """
+
+    n_classes: int = 1
+    soft_classes: bool = False
+    marginalize: bool = True
+    significant_fraction: float = 0.999
+    max_significant_poses: int = 300
+    log_class_prior: tuple | None = None
 
 
 @dataclass
 class StepResult:
-    """Per-particle results of one E-step (rows in the batch's order) and shell statistics."""
+    """Per-particle results of one E-step (rows in the batch's order) and shell statistics.
+
+    The pose is the most probable one of the particle's class; ``n_significant`` the poses it
+    was backprojected at, ``max_posterior`` the largest weight, ``log_likelihood`` the
+    log-evidence of the kept poses (:mod:`.posterior`), ``posterior_sd_deg`` the weighted RMS
+    angle of the significant poses from the best (its angular accuracy)."""
 
     rotation: np.ndarray  # (B, 3, 3)
     origin_px: np.ndarray  # (B, 2)
@@ -32,31 +68,99 @@ class StepResult:
     scale_estimate: np.ndarray  # (B,)
     noise_sums: np.ndarray  # (D//2 + 1,)
     noise_counts: np.ndarray  # (D//2 + 1,)
-    class_id: np.ndarray | None = None  # (B,) best class, heterogeneous refinement only
+    class_id: np.ndarray | None = None  # (B,) most probable class, heterogeneous refinement
     class_weight: np.ndarray | None = None  # (B, K) posterior class probabilities
+    n_significant: np.ndarray | None = None  # (B,)
+    max_posterior: np.ndarray | None = None  # (B,)
+    log_likelihood: np.ndarray | None = None  # (B,)
+    posterior_sd_deg: np.ndarray | None = None  # (B,)
 
 
 def class_posteriors(errors) -> np.ndarray:
     """Class probabilities ``(B, K)`` from the noise-weighted errors ``(B, K)`` at each class's
     best pose: the errors are −2 log-likelihoods, so ``p_k ∝ exp(−(E_k − min E) / 2)`` (equal
     class priors, RELION's maximum-a-posteriori weights)."""
-    e = np.asarray(errors, np.float64)
-    w = np.exp(-0.5 * (e - e.min(axis=1, keepdims=True)))
-    return w / w.sum(axis=1, keepdims=True)
+    return softmax(-0.5 * np.asarray(errors, np.float64), axis=1)
+
+
+@dataclass
+class _Poses:
+    """The significant poses of a batch, flattened: particle row, class, pose, weight."""
+
+    particle: np.ndarray  # (P,) row in the half set's selection
+    class_id: np.ndarray  # (P,)
+    rotation: np.ndarray  # (P, 3, 3)
+    origin_px: np.ndarray  # (P, 2)
+    weight: np.ndarray  # (P,)
+
+
+def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray) -> _Poses:
+    """Weigh every particle's candidates (``found[k].candidates``) and fill ``out[rows]``."""
+    k_total = options.n_classes
+    log_prior = (np.zeros(k_total) if options.log_class_prior is None
+                 else np.asarray(options.log_class_prior, np.float64))
+    parts = {f: [] for f in ("particle", "class_id", "rotation", "origin_px", "weight")}
+    for i, row in enumerate(rows):
+        pools = [r.candidates[i] for r in found]
+        if not options.marginalize:
+            pools = [(rot[:1], org[:1], err[:1]) for rot, org, err in pools]
+        evidence = class_evidence([p[2] for p in pools], log_prior)
+        best_class = int(np.argmax(evidence))
+        classes = range(k_total) if options.soft_classes else [best_class]
+        errs = np.concatenate([pools[k][2] for k in classes])
+        cls = np.concatenate([np.full(pools[k][2].size, k) for k in classes])
+        keep, w, log_ev = significant_poses(errs, log_prior[cls], options.significant_fraction,
+                                            options.max_significant_poses)
+        rot = np.concatenate([pools[k][0] for k in classes])[keep]
+        org = np.concatenate([pools[k][1] for k in classes])[keep]
+        best_rot, best_org, best_err = (a[0] for a in pools[best_class])
+        parts["particle"].append(np.full(keep.size, i))
+        parts["class_id"].append(cls[keep])
+        parts["rotation"].append(rot)
+        parts["origin_px"].append(org)
+        parts["weight"].append(w)
+        out.rotation[row], out.origin_px[row], out.error[row] = best_rot, best_org, best_err
+        out.n_significant[row], out.max_posterior[row] = keep.size, w.max()
+        out.log_likelihood[row] = log_ev
+        same = cls[keep] == best_class
+        d = angular_distance_deg(rot[same], best_rot[None])
+        out.posterior_sd_deg[row] = float(np.sqrt(np.sum(w[same] * d * d) / np.sum(w[same])))
+        if k_total > 1:
+            out.class_id[row], out.class_weight[row] = best_class, softmax(evidence)
+    poses = _Poses(*(np.concatenate(parts[f]) for f in ("particle", "class_id", "rotation",
+                                                          "origin_px", "weight")))
+    # one slice per (particle, class, rotation): its poses at several origins become adjacent
+    key = np.concatenate([poses.particle[:, None], poses.class_id[:, None],
+                          np.round(poses.rotation.reshape(-1, 9) * 1e6)], axis=1)
+    _, rotation_group = np.unique(key, axis=0, return_inverse=True)
+    order = np.lexsort((rotation_group.ravel(),))
+    return _Poses(*(getattr(poses, f)[order] for f in ("particle", "class_id", "rotation",
+                                                       "origin_px", "weight")))
+
+
+def _blocks(poses: _Poses, rows: np.ndarray, size: int):
+    """``rows`` (increasing indices into ``poses``) in blocks of about ``size`` that never split
+    a particle's poses (a run of one particle's rotation stays in one block)."""
+    start = 0
+    while start < rows.size:
+        stop = min(start + size, rows.size)
+        while stop < rows.size and poses.particle[rows[stop]] == poses.particle[rows[stop - 1]]:
+            stop += 1
+        yield rows[start:stop]
+        start = stop
 
 
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,
                      noise_weight, params: SearchParams, pixel_size_A: float,
-                     scale_max_shell: float, first_index: int = 0, n_classes: int = 1,
-                     soft_classes: bool = False) -> StepResult:
-    """Search, score and backproject a batch; ``sums`` is accumulated in place.
+                     scale_max_shell: float, first_index: int = 0,
+                     options: EStepOptions = EStepOptions()) -> StepResult:
+    """Search, weigh, score and backproject a batch; ``sums`` is accumulated in place.
 
     ``meta``: CTF columns, ``scale (B,)`` (current scales, used for search and backprojection),
     ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors).
     ``groups`` ``(B,)``: the half set of each particle; references and sums are indexed
-    ``class · 2 + half``. With ``n_classes`` > 1 every particle is searched against every class:
-    hard assignment backprojects it into its best class; ``soft_classes`` into every class with
-    its posterior probability (:func:`class_posteriors`), each at that class's best pose.
+    ``class · 2 + half``. With ``options.n_classes`` > 1 every particle is searched against
+    every class (:class:`EStepOptions` says how classes and poses are weighed).
 
     Backend: the arrays' own. With CuPy references and sums (a GPU worker), the images are
     copied to the device and every transform, slice, GEMM and insertion runs there; per-particle
@@ -76,12 +180,19 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     prior_origin = np.asarray(meta["origin_px"], np.float64)
     prior_rot = meta.get("rotation")
     groups = np.asarray(groups)
+    k_total = options.n_classes
     out = StepResult(np.zeros((n, 3, 3)), np.zeros((n, 2)), np.zeros(n),
                      np.zeros(n, np.int64), np.ones(n), np.zeros(box // 2 + 1),
-                     np.zeros(box // 2 + 1))
-    if n_classes > 1:
+                     np.zeros(box // 2 + 1), n_significant=np.zeros(n, np.int64),
+                     max_posterior=np.zeros(n), log_likelihood=np.zeros(n),
+                     posterior_sd_deg=np.zeros(n))
+    if k_total > 1:
         out.class_id = np.zeros(n, np.int64)
-        out.class_weight = np.zeros((n, n_classes))
+        out.class_weight = np.zeros((n, k_total))
+    # per pose in a block: shifted image, model, CTF weight, products (complex64/float32)
+    per_pose = 6 * 8 * box * (box // 2 + 1)
+    block = batch_size_for_memory(per_pose, free_device_bytes(xp),
+                                  max(16, min(1024, (64 << 20) // per_pose)), minimum=16)
     for h in np.unique(groups):
         sel_host = np.flatnonzero(groups == h)
         sel = xp.asarray(sel_host)
@@ -89,47 +200,40 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         found = [branch_and_bound(references[2 * k + h], data, params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
                                   prior_origin_px=prior_origin[sel],
-                                  envelope=envelopes[2 * k + h]) for k in range(n_classes)]
-        errors = np.stack([r.error for r in found], axis=1)  # (b, K)
-        best = np.argmin(errors, axis=1)
-        pick = np.arange(sel_host.size)
-        out.rotation[sel_host] = np.stack([r.rotation for r in found], axis=1)[pick, best]
-        out.origin_px[sel_host] = np.stack([r.origin_px for r in found], axis=1)[pick, best]
-        out.error[sel_host] = errors[pick, best]
+                                  envelope=envelopes[2 * k + h]) for k in range(k_total)]
         out.n_evaluations[sel_host] = sum(r.n_evaluations for r in found)
-        posterior = class_posteriors(errors)
-        if n_classes > 1:
-            out.class_id[sel_host], out.class_weight[sel_host] = best, posterior
-        # residuals, noise and scales at the best class's pose
-        x_h, ctf_h = x[sel], ctf[sel]
-        centred = translate_rfft(x_h, out.origin_px[sel_host])
-        model = xp.zeros_like(centred)
-        for k in range(n_classes):
-            mine = np.flatnonzero(best == k)
-            if mine.size:
-                mine_d = xp.asarray(mine)
-                model[mine_d] = ctf_h[mine_d] * extract_central_slices_rfft(
-                    references[2 * k + h], out.rotation[sel_host][mine], box)
-        out.scale_estimate[sel_host] = estimate_scales(centred, model, noise_weight,
-                                                       scale_max_shell)
-        s = xp.asarray(scale[sel_host]).reshape(-1, 1, 1)
-        p_sum, p_count = shell_power_sums(centred - s * model)
-        out.noise_sums += p_sum
-        out.noise_counts += p_count
-        weight = (s * ctf_h).astype(xp.float32)
-        for k in range(n_classes):
-            w_k = posterior[:, k] if soft_classes else (best == k).astype(np.float64)
-            mine = np.flatnonzero(w_k > 1e-3)
-            if mine.size == 0:
-                continue
-            mine_d = xp.asarray(mine)
-            # hard assignment: the particle's best pose is class k's, already centred above
-            at_k = (translate_rfft(x_h[mine_d], found[k].origin_px[mine]) if soft_classes
-                    else centred[mine_d])
-            wk = xp.asarray(w_k[mine].reshape(-1, 1, 1).astype(np.float32))
-            w_mine = weight[mine_d]
-            insert_central_slices_rfft((at_k * w_mine * wk).astype(xp.complex64),
-                                       w_mine * w_mine * wk, found[k].rotation[mine],
-                                       sums.data[2 * k + h], sums.weight[2 * k + h])
-            sums.count[2 * k + h] += mine.size
+        poses = _posteriors(found, options, out, sel_host)
+        num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
+        x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]
+        for k in range(k_total):
+            mine = np.flatnonzero(poses.class_id == k)
+            members = np.unique(poses.particle[mine])
+            sums.count[2 * k + h] += members.size
+            for j in _blocks(poses, mine, block):
+                pid, pid_d = poses.particle[j], xp.asarray(poses.particle[j])
+                # runs of poses that share a particle and a rotation: one slice, one insertion
+                new_run = np.r_[True, (np.diff(pid) != 0)
+                                | np.any(np.diff(poses.rotation[j], axis=0) != 0, axis=(1, 2))]
+                starts = np.flatnonzero(new_run)
+                run_of = np.cumsum(new_run) - 1
+                centred = translate_rfft(x_h[pid_d], poses.origin_px[j])
+                model = (ctf_h[pid_d] * extract_central_slices_rfft(
+                    references[2 * k + h], poses.rotation[j][starts], box)[xp.asarray(run_of)])
+                w = poses.weight[j]
+                t_num, t_den = scale_terms(centred, model, noise_weight, scale_max_shell)
+                np.add.at(num, pid, w * t_num)
+                np.add.at(den, pid, w * t_den)
+                s = xp.asarray(s_h[pid]).reshape(-1, 1, 1)
+                p_sum, p_count = shell_power_sums(centred - s * model, weights=w)
+                out.noise_sums += p_sum
+                out.noise_counts += p_count
+                w_d = xp.asarray(w.astype(np.float32)).reshape(-1, 1, 1)
+                data_runs = segment_sums(centred * w_d, starts)
+                w_runs = xp.asarray(np.add.reduceat(w, starts).astype(np.float32)).reshape(-1, 1, 1)
+                sc = (xp.asarray(s_h[pid[starts]]).reshape(-1, 1, 1)
+                      * ctf_h[xp.asarray(pid[starts])]).astype(xp.float32)
+                insert_central_slices_rfft((data_runs * sc).astype(xp.complex64), sc * sc * w_runs,
+                                           poses.rotation[j][starts], sums.data[2 * k + h],
+                                           sums.weight[2 * k + h])
+        out.scale_estimate[sel_host] = scale_from_terms(num, den)
     return out

@@ -237,12 +237,20 @@ def has_image_files(store: ParticleStore) -> bool:
     return "rlnImageName" in store.attrs.get("star_columns", []) or _has_cs_image_refs(store)
 
 
+#: Per-particle statistics of a refinement's last E-step, under RELION's labels.
+POSTERIOR_FIELDS = {"log_likelihood": ("rlnLogLikeliContribution", np.float64),
+                    "max_posterior": ("rlnMaxValueProbDistribution", np.float64),
+                    "n_significant": ("rlnNrOfSignificantSamples", np.int64)}
+
+
 def export_star(store: ParticleStore, star_path, poses: dict | None = None,
                 write_images: bool | None = None) -> Path:
     """Write the store's particles (with ``poses``, or the store's own pose columns) as a RELION
     3.1 STAR file. Original columns of an imported STAR are kept; pose, class and CTF columns are
     written from the store/poses; the per-particle scale goes to ``rlnCtfScalefactor`` (it
-    multiplies the CTF in RELION's image model, as our scale does). Images are referred to where
+    multiplies the CTF in RELION's image model, as our scale does), and a refinement's
+    posterior statistics (``log_likelihood``, ``max_posterior``, ``n_significant``) to RELION's
+    :data:`POSTERIOR_FIELDS`. Images are referred to where
     they came from: an imported STAR's ``rlnImageName``, or an imported .cs's ``blob/idx`` and
     ``blob/path`` as ``NNNNNN@path`` (1-based, the path relative to the cryoSPARC project, as
     pyem's ``csparc2star`` writes it). Stores without original image files (simulated) get their
@@ -284,6 +292,9 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         columns["rlnClassNumber"] = np.asarray(poses["class_id"], dtype=np.int64) + 1
     if "scale" in poses:
         columns["rlnCtfScalefactor"] = np.asarray(poses["scale"], dtype=np.float64)
+    for key, (label, dtype) in POSTERIOR_FIELDS.items():  # a refinement's posterior statistics
+        if key in poses:
+            columns[label] = np.asarray(poses[key]).astype(dtype)
     columns["rlnRandomSubset"] = store.read_column("half_set").astype(np.int64) + 1
     particles = pd.DataFrame(columns)
 

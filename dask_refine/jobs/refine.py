@@ -32,7 +32,9 @@ from ..core.masks import soft_sphere_mask
 from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_scales,
                           shell_mean, sigma2_from_sums)
 from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
+from ..core import so3_grid
 from ..core.pose_search import SearchParams, amplitude_envelope, exhaustive_evaluations
+from ..core.refine_step import EStepOptions
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
 from ..core.rotations import angular_distance_deg
@@ -41,7 +43,7 @@ from ..io.errors import InputError
 from ..io.figures import write_job_figures
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv, write_json
-from ..io.star import export_star, has_image_files
+from ..io.star import POSTERIOR_FIELDS, export_star, has_image_files
 from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
@@ -56,8 +58,18 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
-               "shift_step_px", "first_level", "max_level", "local_search", "global_iterations",
-               "use_ctf", "pad", "alignment_margin_shells", "symmetry")
+               "shift_step_px", "first_level", "max_level", "local_search",
+               "min_global_iterations", "marginalize", "use_ctf", "pad",
+               "alignment_margin_shells", "symmetry")
+#: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
+ITERATION_STATISTICS = ("median_significant_poses", "mean_max_posterior",
+                        "angular_accuracy_deg", "outlier_fraction", "scale_iqr")
+#: Poses whose error is within this of the best (posterior weight ≥ 10⁻⁴ of the best's) are
+#: the candidates the E-step weighs: −2 log 10⁻⁴.
+POSTERIOR_WINDOW = float(2.0 * np.log(1e4))
+#: A local search covers ± this many times the particles' current angular accuracy (the
+#: median posterior spread), as RELION's local searches cover ±3σ of their prior.
+LOCAL_RANGE_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -66,16 +78,26 @@ class RefineConfig:
 
     ``mask_diameter_A``: soft spherical mask for references and FSC, also the particle size for
     the search (None: 80% of the box). ``max_shift_A``: half-extent of the shift search
-    (None: 10% of the box). ``local_search``: after ``global_iterations`` global iterations,
-    search only around the previous poses (RELION auto-refine likewise switches to local searches
-    once the sampling is fine). ``alignment_margin_shells``: Fourier shells beyond the
-    current resolution used for alignment.
+    (None: 10% of the box). ``local_search``: once the median pose change of an iteration
+    has fallen below its angular sampling (and after at least ``min_global_iterations``
+    global iterations), search only around the previous poses, over ±3 times the particles'
+    current angular accuracy (RELION auto-refine likewise switches to local searches by the
+    state of the poses). ``alignment_margin_shells``: Fourier shells beyond the current
+    resolution used for alignment. ``marginalize``: backproject every particle over its
+    significant poses with their posterior weights (RELION's expectation step); False: at its
+    best pose only.
+
+    Stopping (RELION auto-refine's rule): an iteration is *stale* when the resolution has not
+    improved by 1%, the median pose change is no smaller than the smallest before it (minus
+    10%), and (heterogeneous) fewer than ``class_change_fraction`` of the particles changed
+    class; the run stops after ``patience`` stale iterations in a row, once local searches
+    have started (or with ``local_search`` off), or after ``max_iterations``.
 
     Heterogeneous Refinement: ``initial_map`` is a tuple of K maps (one class each, normalised
-    to the particles' greyscale separately); every particle is searched against every class and
-    assigned to its best (``soft_classes``: backprojected into each with its posterior
-    probability). Iterations stop when, besides the resolution, fewer than
-    ``class_change_fraction`` of the particles change class.
+    to the particles' greyscale separately); every particle is searched against every class;
+    ``soft_classes`` (the default): backprojected into each class over its poses with the joint
+    posterior over classes and poses, class priors the last iteration's class fractions; else
+    assigned to its most probable class.
 
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
@@ -86,8 +108,9 @@ class RefineConfig:
     store: str
     initial_map: str | tuple[str, ...]
     out_dir: str
-    soft_classes: bool = False
+    soft_classes: bool = True
     class_change_fraction: float = 0.01
+    marginalize: bool = True
     non_uniform: bool = False
     initial_lowpass_A: float = 30.0
     max_iterations: int = 15
@@ -96,9 +119,9 @@ class RefineConfig:
     max_shift_A: float | None = None
     shift_step_px: float = 1.0  # largest final shift step; finer as the alignment band grows
     first_level: int = 2
-    max_level: int = 6
+    max_level: int = 8
     local_search: bool = True
-    global_iterations: int = 2
+    min_global_iterations: int = 2
     alignment_margin_shells: float = 4.0
     use_ctf: bool = True
     symmetry: str = "C1"
@@ -126,6 +149,14 @@ class State:
     best_resolution_A: float
     stale: int  # iterations without improvement
     class_id: np.ndarray | None = None  # (N,) best class (heterogeneous refinement)
+    local: bool = False  # this iteration searched locally (once local, local from then on)
+    level: int = 0  # the finest grid level of this iteration's search
+    pose_change_deg: float = 180.0  # median pose change of this iteration
+    # the angular sampling that change is measured against: the coarser of the two grids
+    pose_change_sampling_deg: float = 60.0
+    best_pose_change_deg: float = 180.0  # smallest median pose change so far
+    angular_accuracy_deg: float = 180.0  # median posterior spread of the poses
+    class_fraction: np.ndarray | None = None  # (K,) mean class posterior (the next priors)
 
     @property
     def n_classes(self) -> int:
@@ -201,18 +232,47 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
 
 
 def _search_params(config, state: State, box: int, radius_px: float, max_shift_px: float):
+    """This iteration's search, chosen by the state of the poses (RELION auto-refine's way):
+    the finest level the alignment band asks for; local once the last iteration's median pose
+    change fell below the angular sampling it was measured at (the coarser of the two grids:
+    the poses then stay within a cell of where they were found); a local range of ±``LOCAL_RANGE_SIGMAS`` × the
+    angular accuracy (a local search covers ±1.5 cells of its starting level)."""
     target = box / (np.pi * max(radius_px, 1.0) * max(state.r_align, 1.0))  # radians
     last = int(np.ceil(np.log2(np.deg2rad(60.0) / target)))
     last = int(np.clip(last, config.first_level, config.max_level))
-    local = (config.local_search and state.rotation is not None
-             and state.iteration >= config.global_iterations)
+    first = min(config.first_level, last)
+    local = bool(config.local_search and state.rotation is not None and (
+        state.local or (state.iteration >= config.min_global_iterations
+                        and state.pose_change_deg < state.pose_change_sampling_deg)))
+    # the coarsest level whose ±1.5 cells still cover ±3σ: spacing(l) ≥ 2σ (σ/1.5 · 3)
+    wide = 2.0 * LOCAL_RANGE_SIGMAS / 3.0 * max(state.angular_accuracy_deg, 1e-3)
+    local_level = int(np.clip(np.floor(np.log2(60.0 / wide)), first, max(first, last - 1)))
     # finest shift step: a shift error of half a step costs ≤ ½ rad of phase at r_align
     shift_step = min(config.shift_step_px, box / (2 * np.pi * max(state.r_align, 1.0)))
     return SearchParams(r_align=state.r_align, particle_radius_px=radius_px,
-                        first_level=min(config.first_level, last), last_level=last,
+                        first_level=first, last_level=last,
                         max_shift_px=max_shift_px, shift_step_px=shift_step,
-                        local=local, local_level=max(config.first_level, last - 1),
-                        symmetry=config.symmetry)
+                        local=local, local_level=local_level, symmetry=config.symmetry,
+                        posterior_window=POSTERIOR_WINDOW if config.marginalize else 0.0)
+
+
+def _estep_options(config, state: State) -> EStepOptions:
+    """How this iteration's E-step weighs poses and classes (class priors: the last
+    iteration's class fractions, floored at 0.1% so that no class is shut out for good)."""
+    prior = (None if state.class_fraction is None
+             else tuple(np.log(np.maximum(state.class_fraction, 1e-3)).tolist()))
+    return EStepOptions(n_classes=state.n_classes,
+                        soft_classes=config.soft_classes and state.n_classes > 1,
+                        marginalize=config.marginalize, log_class_prior=prior)
+
+
+def outlier_fraction(log_likelihood) -> float:
+    """Fraction of particles whose log-likelihood lies more than 3 robust standard deviations
+    (1.4826 · MAD) below the median: junk and badly fitting particles."""
+    ll = np.asarray(log_likelihood, np.float64)
+    med = np.median(ll)
+    mad = 1.4826 * np.median(np.abs(ll - med))
+    return float(np.mean(ll < med - 3.0 * mad)) if mad > 0 else 0.0
 
 
 def _class_dir(folder: Path, k: int, n_classes: int) -> Path:
@@ -242,13 +302,18 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
                                       "frequency_invA": (shells / (box * px)).tolist(),
                                       "resolution_A": shell_resolution_A(box, px).tolist(),
                                       "fsc": curve.tolist()})
-    classes = {} if state.class_id is None else {"class_id": state.class_id}
+    classes = {} if state.class_id is None else {"class_id": state.class_id,
+                                                 "class_fraction": state.class_fraction}
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
              scale=state.scale, sigma2=state.sigma2, **classes, **extra.pop("arrays"))
     write_json(folder / "state.json", {
         "iteration": state.iteration, "r_align": state.r_align,
         "resolution_A": state.resolution_A, "best_resolution_A": state.best_resolution_A,
-        "stale": state.stale, "n_classes": state.n_classes, **extra})
+        "stale": state.stale, "n_classes": state.n_classes, "local": state.local,
+        "level": state.level, "pose_change_deg": state.pose_change_deg,
+        "best_pose_change_deg": state.best_pose_change_deg,
+        "angular_accuracy_deg": state.angular_accuracy_deg,
+        "pose_change_sampling_deg": state.pose_change_sampling_deg, **extra})
 
 
 def _load_state(out_dir, iteration: int) -> State:
@@ -261,7 +326,11 @@ def _load_state(out_dir, iteration: int) -> State:
     return State(js["iteration"], refs, arrays["sigma2"], arrays["scale"], arrays["rotation"],
                  arrays["origin_px"], js["r_align"], js["resolution_A"],
                  js["best_resolution_A"], js["stale"],
-                 arrays["class_id"] if "class_id" in arrays else None)
+                 arrays["class_id"] if "class_id" in arrays else None,
+                 class_fraction=arrays["class_fraction"] if "class_fraction" in arrays else None,
+                 **{k: js[k] for k in ("local", "level", "pose_change_deg",
+                                       "pose_change_sampling_deg", "best_pose_change_deg",
+                                       "angular_accuracy_deg")})
 
 
 def _run_iteration(config, store, meta, groups, state: State, client, radius_px, max_shift_px,
@@ -274,7 +343,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     envelopes = [amplitude_envelope(p, box) for p in prepared]
     reliable = state.r_align - config.alignment_margin_shells
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
-                max(2.0, reliable), n_classes, config.soft_classes)
+                max(2.0, reliable), _estep_options(config, state))
     # hash=False: fresh keys every iteration. With content-hashed keys, a setting equal to the
     # last iteration's (the pixel size, a flag) gets the same key while that key is being
     # released, and the scheduler can lose it ("lost dependencies").
@@ -300,18 +369,20 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         sums, results = future.result()
     t_step = time.perf_counter() - t0
     n = info.n_particles
-    rotation, origin = np.zeros((n, 3, 3)), np.zeros((n, 2))
-    error, evals, scale_est = np.zeros(n), np.zeros(n, np.int64), np.ones(n)
-    class_id = np.zeros(n, np.int64) if n_classes > 1 else None
-    noise_sums, noise_counts = 0.0, 0.0
-    for start, step in results:
-        rows = slice(start, start + step.rotation.shape[0])
-        rotation[rows], origin[rows], error[rows] = step.rotation, step.origin_px, step.error
-        evals[rows], scale_est[rows] = step.n_evaluations, step.scale_estimate
-        if class_id is not None:
-            class_id[rows] = step.class_id
-        noise_sums = noise_sums + step.noise_sums
-        noise_counts = noise_counts + step.noise_counts
+    fields = ("rotation", "origin_px", "error", "n_evaluations", "scale_estimate",
+              "n_significant", "max_posterior", "log_likelihood", "posterior_sd_deg")
+    if n_classes > 1:
+        fields += ("class_id", "class_weight")
+    per_particle = {f: np.concatenate([getattr(step, f) for _, step in results]) for f in fields}
+    order = np.argsort(np.concatenate([np.full(step.rotation.shape[0], start)
+                                       for start, step in results]), kind="stable")
+    per_particle = {f: v[order] for f, v in per_particle.items()}
+    rotation, origin = per_particle["rotation"], per_particle["origin_px"]
+    error, evals = per_particle["error"], per_particle["n_evaluations"]
+    scale_est = per_particle["scale_estimate"]
+    class_id = per_particle.get("class_id")
+    noise_sums = sum(step.noise_sums for _, step in results)
+    noise_counts = sum(step.noise_counts for _, step in results)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
     references, per_class, resolutions = [], [], []
@@ -338,24 +409,47 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                            ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
         per_class.append((halves, curve, full))
     resolution = min(resolutions)
-    changed = (np.median(angular_distance_deg(rotation, state.rotation))
+    changed = (float(np.median(angular_distance_deg(rotation, state.rotation)))
                if state.rotation is not None else 180.0)
     class_changes = (float(np.mean(class_id != state.class_id))
                      if class_id is not None and state.class_id is not None else 1.0)
+    # stale (RELION auto-refine): neither the resolution nor the poses nor the classes moved on
     improved = (resolution < state.best_resolution_A * 0.99
+                or changed < 0.9 * state.best_pose_change_deg
                 or (class_id is not None and class_changes > config.class_change_fraction))
+    may_stop = params.local or not config.local_search
     shell = box * px / resolution
+    accuracy = float(np.median(per_particle["posterior_sd_deg"]))
+    fraction = (per_particle["class_weight"].mean(axis=0) if config.soft_classes
+                else np.bincount(class_id, minlength=n_classes) / n) if class_id is not None \
+        else None
     new = State(state.iteration + 1, references, sigma2_from_sums(noise_sums, noise_counts),
                 renormalise_scales(scale_est), rotation,
                 np.clip(origin, -max_shift_px, max_shift_px),
                 float(min(box / 2 - 1, shell + config.alignment_margin_shells)), resolution,
-                min(resolution, state.best_resolution_A), 0 if improved else state.stale + 1,
-                class_id)
+                min(resolution, state.best_resolution_A),
+                0 if improved or not may_stop else state.stale + 1, class_id,
+                local=params.local, level=params.last_level, pose_change_deg=changed,
+                pose_change_sampling_deg=so3_grid.spacing_deg(
+                    min(state.level or params.last_level, params.last_level)),
+                best_pose_change_deg=min(changed, state.best_pose_change_deg),
+                angular_accuracy_deg=accuracy, class_fraction=fraction)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
-             "median_pose_change_deg": float(changed),
+             "local_level": params.local_level if params.local else None,
+             "median_pose_change_deg": changed,
              "mean_evaluations": float(evals.mean()),
              "exhaustive_evaluations": exhaustive_evaluations(params), "time_s": t_step,
-             "particles_per_s": n / t_step, "arrays": {"error": error, "evaluations": evals}}
+             "particles_per_s": n / t_step,
+             "median_significant_poses": float(np.median(per_particle["n_significant"])),
+             "mean_max_posterior": float(np.mean(per_particle["max_posterior"])),
+             "angular_accuracy_deg": accuracy,
+             "outlier_fraction": outlier_fraction(per_particle["log_likelihood"]),
+             "scale_iqr": float(np.subtract(*np.percentile(new.scale, [75, 25]))),
+             "arrays": {"error": error, "evaluations": evals,
+                        **{f: per_particle[f] for f in ("n_significant", "max_posterior",
+                                                        "log_likelihood", "posterior_sd_deg")},
+                        **({"class_weight": per_particle["class_weight"]}
+                           if class_id is not None else {})}}
     if class_id is not None:
         stats.update(class_sizes=np.bincount(class_id, minlength=n_classes).tolist(),
                      class_resolutions_A=resolutions, class_change_fraction=class_changes)
@@ -509,10 +603,13 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         "mean_pose_evaluations": [r["mean_evaluations"] for r in rows],
         "particles_per_s": [r["particles_per_s"] for r in rows],
         "time_s": [r["time_s"] for r in rows],
+        **{name: [r[name] for r in rows] for name in ITERATION_STATISTICS},
         **per_class,
     })
     poses = {"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
              "scale": state.scale}
+    with np.load(last / "poses.npz") as arrays:
+        poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})
     if state.class_id is not None:
         poses["class_id"] = state.class_id
     star = export_star(store, out / "particles.star", poses=poses)

@@ -87,8 +87,7 @@ def _sum(*parts):
 
 def _refine_accumulate(state, images, meta, groups, n_groups, box_size, pad, settings, backend,
                        source, first_index):
-    references, envelopes, noise_weight, params, pixel_size_A, scale_max_shell, *classes = settings
-    n_classes, soft = classes if classes else (1, False)
+    references, envelopes, noise_weight, params, pixel_size_A, scale_max_shell, options = settings
     xp = backend_module(backend)
     references = device_copies(list(references), xp)
     if state is None:
@@ -98,7 +97,7 @@ def _refine_accumulate(state, images, meta, groups, n_groups, box_size, pad, set
     try:
         step = refine_particles(sums, np.asarray(images), meta, groups, references, envelopes,
                                 noise_weight, params, pixel_size_A, scale_max_shell,
-                                first_index, n_classes, soft)
+                                first_index, options)
     except ValueError as exc:
         raise InputError(f"{source}/images", f"{exc}; expected finite pixel values") from None
     results.append((first_index, step))
@@ -202,7 +201,7 @@ def refine_graph(images, meta: dict, groups: np.ndarray, n_groups: int, settings
     """Delayed graph of one refinement E-step over all chunks.
 
     ``settings`` = ``(references, envelopes, noise_weight, params, pixel_size_A,
-    scale_max_shell[, n_classes, soft_classes])``, ideally a Future scattered once to every
+    scale_max_shell, options)`` (``options``: :class:`..core.refine_step.EStepOptions`), ideally a Future scattered once to every
     worker (the references are large).
     The result is ``(FourierSums, [(first_index, StepResult), …])``, on the host for either
     ``backend``.

@@ -263,8 +263,8 @@ def cmd_refine(args) -> int:
     hetero = isinstance(args.initial, list)
     config = RefineConfig(
         store=args.store, initial_map=tuple(args.initial) if hetero else args.initial,
-        out_dir=args.out, soft_classes=getattr(args, "soft", False),
-        non_uniform=args.non_uniform,
+        out_dir=args.out, soft_classes=not getattr(args, "hard", False),
+        marginalize=not args.no_marginalize, non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
@@ -387,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         if hetero:
             p.add_argument("--initial", required=True, nargs="+", metavar="MAP",
                            help="one initial map per class (MRC; greyscales are normalised)")
-            p.add_argument("--soft", action="store_true",
-                           help="soft (posterior-weighted) class assignment (default: hard)")
+            p.add_argument("--hard", action="store_true",
+                           help="hard class assignment: each particle to its most probable "
+                           "class (default: soft, the joint posterior over classes and poses)")
         else:
             p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
         p.add_argument("--out", required=True, help="output folder (also the checkpoint), or an "
@@ -402,8 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-shift-A", type=float, metavar="Å",
                        help="half-extent of the shift search in Å (default: 10%% of the box)")
         p.add_argument("--global-only", action="store_true",
-                       help="global pose search in every iteration (default: local searches "
-                       f"after {d.global_iterations} global iterations)")
+                       help="global pose search in every iteration (default: local searches, "
+                       "±3× the angular accuracy, once the median pose change has fallen below "
+                       f"the angular sampling, after at least {d.min_global_iterations} global "
+                       "iterations)")
+        p.add_argument("--no-marginalize", action="store_true",
+                       help="backproject each particle at its best pose only (default: over "
+                       "its significant poses with their posterior weights, as RELION)")
         p.add_argument("--non-uniform", action="store_true",
                        help="Non-Uniform Refinement: adaptive local filtering of the references "
                        "by cross-validation between half maps; also writes map_nu.mrc and "

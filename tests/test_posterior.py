@@ -1,0 +1,114 @@
+"""Marginalised E-step: posterior weights (definitions) and backprojection over poses."""
+
+import numpy as np
+
+from dask_refine.core.backprojection import FourierSums
+from dask_refine.core.noise import noise_weights
+from dask_refine.core.pose_search import SearchParams, amplitude_envelope
+from dask_refine.core.posterior import class_evidence, significant_poses, softmax
+from dask_refine.core.projection import prepare_reference_rfft
+from dask_refine.core.refine_step import EStepOptions, refine_particles
+from dask_refine.io.simulate import SimulationConfig, render_particles, simulate_metadata
+from helpers import downsample_to_32
+
+
+def test_significant_poses_are_the_posterior_mass():
+    rng = np.random.default_rng(0)
+    errors = rng.uniform(0, 30, 200)
+    keep, w, log_ev = significant_poses(errors, significant_fraction=0.99)
+    p = np.exp(-0.5 * (errors - errors.min()))
+    p /= p.sum()
+    # the kept poses are the most probable ones, just enough of them to hold 99% of the mass
+    np.testing.assert_array_equal(np.sort(keep), np.sort(np.argsort(-p)[:keep.size]))
+    assert p[keep].sum() >= 0.99 > p[keep[:-1]].sum()
+    np.testing.assert_allclose(w, p[keep] / p[keep].sum())
+    np.testing.assert_allclose(log_ev, np.log(np.exp(-0.5 * errors).sum()))
+    # a prior shifts the weights as exp(log π); the cap keeps the largest
+    keep2, w2, _ = significant_poses(errors, np.log(np.linspace(1, 2, 200)), 0.999, max_poses=3)
+    q = np.exp(-0.5 * errors) * np.linspace(1, 2, 200)
+    np.testing.assert_array_equal(keep2, np.argsort(-q)[:3])
+    np.testing.assert_allclose(w2.sum(), 1.0)
+
+
+def test_class_evidence_is_the_log_sum_over_poses():
+    e = [np.array([10.0, 12.0]), np.array([11.0])]
+    ev = class_evidence(e, np.log([0.25, 0.75]))
+    np.testing.assert_allclose(ev, [np.log(0.25 * (np.exp(-5) + np.exp(-6))),
+                                    np.log(0.75 * np.exp(-5.5))])
+    np.testing.assert_allclose(softmax(ev).sum(), 1.0)
+
+
+def _batch(demo_map, n=8, snr=2.0):
+    volume = downsample_to_32(demo_map[0])
+    px = 2 * demo_map[1]
+    ref = prepare_reference_rfft(volume)
+    sim = simulate_metadata(SimulationConfig(n_particles=n, seed=3), 32, px)
+    meta, truth = sim["meta"], sim["truth"]
+    truth["shift_A"] = np.zeros((n, 2))
+    clean = render_particles(ref, meta, truth, slice(0, n), 32, px)
+    noise = np.random.default_rng(1).normal(0, clean.std() / np.sqrt(snr), clean.shape)
+    meta = {**meta, "scale": truth["scale"], "origin_px": np.zeros((n, 2)),
+            "rotation": truth["rotation"]}
+    return (clean + noise).astype(np.float32), meta, ref, px
+
+
+def test_delta_posterior_backprojects_as_the_hard_assignment(demo_map):
+    """A window of 0 leaves one pose per particle: the marginalised E-step is then exactly
+    the hard one (same poses, scales, noise sums and Fourier sums)."""
+    images, meta, ref, px = _batch(demo_map)
+    env = amplitude_envelope(ref, 32)
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2)
+    out = {}
+    for marginalize in (False, True):
+        sums = FourierSums.zeros(2, 32)
+        step = refine_particles(sums, images, meta, np.zeros(8, int), [ref, ref], [env, env],
+                                noise_weights(np.ones(17), 32), params, px, 8.0,
+                                options=EStepOptions(marginalize=marginalize))
+        out[marginalize] = (sums, step)
+    (s0, r0), (s1, r1) = out[False], out[True]
+    assert (r1.n_significant == 1).all()
+    np.testing.assert_array_equal(r1.rotation, r0.rotation)
+    np.testing.assert_allclose(r1.scale_estimate, r0.scale_estimate, rtol=1e-6)
+    np.testing.assert_allclose(r1.noise_sums, r0.noise_sums, rtol=1e-6)
+    np.testing.assert_allclose(s1.data, s0.data, rtol=1e-6, atol=1e-6 * np.abs(s0.data).max())
+    np.testing.assert_allclose(s1.weight, s0.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_marginalised_backprojection_is_the_weighted_sum_of_hard_ones(demo_map):
+    """With a window, each particle's sums equal Σ_j p_j × (its hard backprojection at pose j),
+    the weights p_j being the posterior of the candidates the search returned."""
+    from dask_refine.core.backprojection import backproject_particles
+
+    images, meta, ref, px = _batch(demo_map, n=3, snr=0.05)
+    env = amplitude_envelope(ref, 32)
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2, posterior_window=18.4)
+    sums = FourierSums.zeros(2, 32)
+    step = refine_particles(sums, images, meta, np.zeros(3, int), [ref, ref], [env, env],
+                            noise_weights(np.full(17, 40.0), 32), params, px, 8.0)
+    assert step.n_significant.min() > 1  # low SNR: several poses carry weight
+    assert np.all(step.max_posterior < 1.0) and np.all(step.posterior_sd_deg > 0)
+    # rebuild the same sums pose by pose with the hard backprojection
+    from dask_refine.core.pose_search import ParticleData, branch_and_bound
+    from dask_refine.core.backprojection import particle_ctfs
+    from dask_refine.core.fourier import centred_rfftn
+
+    data = ParticleData(centred_rfftn(images, 2), particle_ctfs(meta, 32, px), meta["scale"],
+                        noise_weights(np.full(17, 40.0), 32))
+    found = branch_and_bound(ref, data, params, prior_rotation=meta["rotation"],
+                             prior_origin_px=meta["origin_px"], envelope=env)
+    expected = FourierSums.zeros(2, 32)
+    for b in range(3):
+        rots, origins, errors = found.candidates[b]
+        keep, w, _ = significant_poses(errors)
+        assert keep.size == step.n_significant[b]
+        for j, wj in zip(keep, w):
+            one = {k: v[b:b + 1] for k, v in meta.items()}
+            one.update(rotation=rots[j:j + 1], shift_A=origins[j:j + 1] * px,
+                       scale=meta["scale"][b:b + 1], class_weight=np.array([[wj]]))
+            backproject_particles(expected, images[b:b + 1], one, np.zeros(1, int), px)
+    np.testing.assert_allclose(sums.data, expected.data, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected.data).max())
+    np.testing.assert_allclose(sums.weight, expected.weight, rtol=1e-4,
+                               atol=1e-4 * expected.weight.max())
