@@ -104,7 +104,9 @@ def run(args) -> dict:
     box = info["box"]
     params = SearchParams(r_align=args.r_align, particle_radius_px=0.4 * box, first_level=2,
                           last_level=4, max_shift_px=args.max_shift, shift_step_px=1.0,
-                          failure_probability=args.failure_probability)
+                          failure_probability=args.failure_probability,
+                          **({"max_candidates": args.max_candidates} if args.max_candidates
+                             else {}))
     t0 = time.perf_counter()
     bnb = branch_and_bound(ref, data, params)
     t_bnb = time.perf_counter() - t0
@@ -181,6 +183,8 @@ def main():
     p.add_argument("--max-shift", type=float, default=3.0)
     p.add_argument("--failure-probability", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="the search's safety cap (default: SearchParams' default)")
     p.add_argument("--work", default=str(HERE / "results" / "pose_search"))
     p.add_argument("--json", default=None, help="write the summary to this path")
     args = p.parse_args()
