@@ -37,6 +37,9 @@ def _event(run, iteration, noise, rng):
                            rotation=rot, stats={"median_pose_change_deg": 3.0 / iteration,
                                                 "particles_per_s": 100.0, "mean_evaluations": 1e4,
                                                 "exhaustive_evaluations": 1e6, "level": 4,
+                                                "median_significant_poses": 12.0,
+                                                "angular_accuracy_deg": 1.5,
+                                                "outlier_fraction": 0.02,
                                                 "arrays": {"error": np.zeros(3)}})
 
 
@@ -73,6 +76,8 @@ def test_event_is_plain_data_and_the_page_shows_the_latest_run(rng):
     assert data["fsc"]["ys"][0] != data["fsc"]["ys"][1]
     assert data["resolution_points"]["y"] == [8.0, 4.0]
     assert data["speed"]["exhaustive"] == [1e6, 1e6]
+    assert data["posterior"]["significant_poses"] == [12.0, 12.0]
+    assert data["posterior"]["accuracy_deg"] == [1.5, 1.5]
     assert data["slice_A_xy"]["image"][0].shape == (32, 32)
     assert data["orientations"]["image"][0].sum() == 50
     assert "iteration 2 of at most 5" in dashboard.header_html(run)

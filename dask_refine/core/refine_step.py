@@ -7,8 +7,8 @@ References are the padded centred rffts of :func:`.projection.prepare_reference_
 group (half set, or class × half). Poses follow :mod:`.pose_search` (origins in pixels,
 RELION's convention); sums follow :mod:`.backprojection`; posteriors :mod:`.posterior`.
 
-**Marginalisation** (RELION's expectation step; docs/design.md §E-step): each particle is
-backprojected at every *significant* pose ``j`` (the search's final poses, weighted by
+**Marginalisation** (RELION's expectation step; docs/design-notes.md, "Marginalisation"): each
+particle is backprojected at every *significant* pose ``j`` (the search's final poses, weighted by
 ``p_j ∝ exp(−E_j/2)``, kept up to ``significant_fraction`` of the mass), with data
 ``p_j · s C X̂_j`` and weight ``p_j · s² C²``; the noise power and the scale are the
 posterior-weighted sums of the per-pose residuals and scale terms. With

@@ -136,8 +136,12 @@ def source_data(run: list[dict], class_index: int = 0) -> dict[str, dict]:
              "particles_per_s": [_nan(s.get("particles_per_s")) for s in stats],
              "evaluations": [_nan(s.get("mean_evaluations")) for s in stats],
              "exhaustive": [_nan(s.get("exhaustive_evaluations")) for s in stats]}
+    posterior = {"iteration": iterations,
+                 "significant_poses": [_nan(s.get("median_significant_poses")) for s in stats],
+                 "accuracy_deg": [_nan(s.get("angular_accuracy_deg")) for s in stats],
+                 "outlier_pct": [100 * _nan(s.get("outlier_fraction")) for s in stats]}
     out = {"fsc": fsc, "resolution": resolution, "sizes": sizes, "changes": changes,
-           "speed": speed, "resolution_points": _points(resolution),
+           "speed": speed, "posterior": posterior, "resolution_points": _points(resolution),
            "sizes_points": _points(sizes)}
     last = run[-1] if run else None
     entry = _class_entry(last, class_index) if last else None
@@ -269,7 +273,17 @@ class RefinementPage:
                      color="crimson", legend_label="branch and bound (mean)")
         f_evals.scatter("iteration", "evaluations", source=self.sources["speed"], size=6,
                         color="crimson")
-        for f in (f_changes, f_evals):
+        f_post = figure(title="Posterior per particle", height=250, width=340, tools=tools,
+                        y_axis_type="log", x_axis_label="iteration",
+                        y_axis_label="poses / ° / %", name="posterior_figure")
+        for key, colour, label in (("significant_poses", "seagreen", "significant poses (median)"),
+                                   ("accuracy_deg", "purple", "angular accuracy (°, median)"),
+                                   ("outlier_pct", "firebrick", "low-likelihood particles (%)")):
+            f_post.line("iteration", key, source=self.sources["posterior"], line_width=2,
+                        color=colour, legend_label=label)
+            f_post.scatter("iteration", key, source=self.sources["posterior"], size=6,
+                           color=colour)
+        for f in (f_changes, f_evals, f_post):
             f.legend.location = "top_right"
             f.legend.label_text_font_size = "8pt"
 
@@ -301,6 +315,7 @@ class RefinementPage:
             row(f_fsc, f_res, f_orient),
             row(gridplot(slices, ncols=3, toolbar_location=None),
                 column(row(f_changes, f_sizes), row(f_speed, f_evals))),
+            row(f_post),
             sizing_mode="fixed")
 
     def _on_class(self, attr, old, new):
