@@ -4,15 +4,12 @@ A rotation cell at level ``l`` is a pair ``(direction, psi)``: ``direction`` is 
 (NESTED scheme, ``nside = 2**l``, 12·4**l pixels) giving the viewing direction (tilt = θ,
 rot = φ of the pixel centre), ``psi`` indexes ``6·2**l`` in-plane angles; the cell's rotation is
 RELION's ``Euler_angles2matrix(rot=φ, tilt=θ, psi=(psi + ½)·Δψ)``. Every level halves the spacing
-(≈ 60°/2**l), and a cell has (mostly) 8 children: the 4 nested HEALPix sub-pixels × the in-plane
-cells whose best-matching parent it is (see :func:`children`); every cell has exactly one parent
-(:func:`parent_cells`), so the descendants of a level cover every finer level.
+(≈ 60°/2**l), and a cell has 8 children: the 4 nested HEALPix sub-pixels × 2 in-plane cells
+(see :func:`children`).
 HEALPix pixel centres come from ``healpy``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -59,37 +56,15 @@ def all_cells(level: int) -> tuple[np.ndarray, np.ndarray]:
     return d.ravel(), p.ravel()
 
 
-def parent_cells(level: int, direction, psi) -> tuple[np.ndarray, np.ndarray]:
-    """The parent at level l−1 of each cell ``(direction[i], psi[i])`` of ``level`` (l ≥ 1).
+def children(level: int, direction, psi) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 children at level l+1 of each cell of ``level``: arrays of shape ``(n, 8)``.
 
-    Direction: the nested HEALPix parent ``direction // 4``. In-plane: the level-(l−1) ψ cell
-    containing the angle ψ** at which the parent direction best matches the cell's rotation
-    (``R ≈ Euler(rot_p, tilt_p, ψ**)``). Every cell has exactly one parent, so the children
-    (:func:`children`) of all cells of a level partition the next level.
+    Directions: the 4 nested HEALPix sub-pixels. In-plane: for each sub-pixel, the two
+    level-(l+1) cells around the angle ψ* at which that direction best matches the parent's
+    rotation. (Matching ψ, rather than reusing the parent's ψ index, keeps children next to their
+    parent near the poles, where ZYZ angles couple rot and psi.)
     """
-    direction = np.asarray(direction, dtype=np.int64)
-    rots = cell_rotations(level, direction, psi)
-    pdir = direction // 4
-    rot, tilt = direction_angles_deg(level - 1, pdir)
-    base = euler_to_matrix(rot, tilt, 0.0).reshape(-1, 3, 3)
-    m = rots @ np.swapaxes(base, -1, -2)
-    psi_star = np.rad2deg(np.arctan2(m[..., 0, 1], m[..., 0, 0])) % 360.0
-    ppsi = np.floor(psi_star / spacing_deg(level - 1)).astype(np.int64) % n_psi(level - 1)
-    return pdir, ppsi
-
-
-#: ψ cells tried around the nominal child ψ (each is kept only if its parent is the cell)
-_CHILD_PSI_WINDOW = np.arange(-3, 3)
-
-
-def children_flat(level: int, direction, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The children at level l+1 of each cell of ``level`` as flat arrays ``(owner, direction,
-    psi)`` sorted by owner: ``owner[j]`` is the index of the input cell whose child ``j`` is (see
-    :func:`children`). The children of distinct cells are distinct (every cell has one parent);
-    a cell that no child maps to has none here (its neighbours' children cover the region)."""
-    direction = np.asarray(direction, dtype=np.int64).ravel()
-    psi = np.asarray(psi, dtype=np.int64).ravel()
-    n = direction.size
+    direction = np.asarray(direction)
     parent = cell_rotations(level, direction, psi)  # (n, 3, 3)
     d = 4 * direction[:, None] + np.arange(4)[None, :]  # (n, 4)
     rot, tilt = direction_angles_deg(level + 1, d.ravel())
@@ -97,136 +72,9 @@ def children_flat(level: int, direction, psi) -> tuple[np.ndarray, np.ndarray, n
     m = parent[:, None] @ np.swapaxes(base, -1, -2)
     psi_star = np.rad2deg(np.arctan2(m[..., 0, 1], m[..., 0, 0])) % 360.0
     step = spacing_deg(level + 1)
-    upper = np.floor(psi_star / step + 0.5).astype(np.int64)  # the cell boundary nearest ψ*
-    cand_p = ((upper[:, :, None] + _CHILD_PSI_WINDOW[None, None, :]) % n_psi(level + 1))
-    cand_d = np.broadcast_to(d[:, :, None], cand_p.shape)
-    width = cand_p[0].size if n else 0
-    pd, pp = parent_cells(level + 1, cand_d.ravel(), cand_p.ravel())
-    mine = ((pd == np.repeat(direction, width)) & (pp == np.repeat(psi, width))).reshape(n, -1)
-    owner, col = np.nonzero(mine)
-    return owner, cand_d.reshape(n, -1)[owner, col], cand_p.reshape(n, -1)[owner, col]
-
-
-def children(level: int, direction, psi) -> tuple[np.ndarray, np.ndarray]:
-    """The children at level l+1 of each cell of ``level``: arrays of shape ``(n, K)``.
-
-    The children of a cell are exactly the level-(l+1) cells whose :func:`parent_cells` is that
-    cell: the 4 nested HEALPix sub-pixels, each with the ψ cells whose best-matching parent ψ
-    falls in the parent's ψ cell (matching ψ, rather than reusing the parent's ψ index, keeps
-    children next to their parent near the poles, where ZYZ angles couple rot and psi). Because
-    every cell has one parent, the descendants of all cells of a level cover every cell of every
-    finer level (no cell is unreachable). Most cells have 8 children; near the poles some have
-    9 or fewer, so ``K ≥ 8`` is the largest count in the call and shorter rows are padded by
-    repeating their first child (callers de-duplicate). Flat form: :func:`children_flat`.
-    """
-    direction = np.asarray(direction, dtype=np.int64).ravel()
-    n = direction.size
-    owner, cd, cp = children_flat(level, direction, psi)
-    counts = np.bincount(owner, minlength=n)
-    k = max(8, int(counts.max()) if n else 8)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(owner.size) - start[owner]
-    # rows are padded with their first child; a cell without children gets its nominal child
-    # (the ψ cell nearest ψ* of sub-pixel 0, which has another parent: a duplicate, no gap)
-    step = spacing_deg(level + 1)
-    direction_ = np.asarray(direction, dtype=np.int64).ravel()
-    psi_ = np.asarray(psi, dtype=np.int64).ravel()
-    first_d, first_p = 4 * direction_, np.zeros(n, dtype=np.int64)
-    if n:
-        m = cell_rotations(level, direction_, psi_) @ np.swapaxes(
-            euler_to_matrix(*direction_angles_deg(level + 1, first_d), 0.0).reshape(-1, 3, 3),
-            -1, -2)
-        first_p = np.floor((np.rad2deg(np.arctan2(m[..., 0, 1], m[..., 0, 0])) % 360.0) / step
-                           + 0.5).astype(np.int64) % n_psi(level + 1)
-    has = counts > 0
-    first_d[has], first_p[has] = cd[start[has]], cp[start[has]]
-    out_d = np.repeat(first_d[:, None], k, axis=1)
-    out_p = np.repeat(first_p[:, None], k, axis=1)
-    out_d[owner, rank] = cd
-    out_p[owner, rank] = cp
-    return out_d, out_p
-
-
-def descendant_cells(level: int, direction, psi, last_level: int):
-    """Every descendant at ``last_level`` of each cell of ``level``, as flat arrays ``(owner,
-    direction, psi)`` sorted by owner (a cell is its own descendant when the levels are equal).
-    Levels whose last level has ≤ 300,000 cells use a cached map of the whole level."""
-    d = np.asarray(direction, dtype=np.int64).ravel()
-    p = np.asarray(psi, dtype=np.int64).ravel()
-    if last_level > level and n_rotations(last_level) <= _EXACT_MAX_CELLS:
-        start, cells = _descendant_map(level, last_level)
-        parent = d * n_psi(level) + p
-        counts = start[parent + 1] - start[parent]
-        owner = np.repeat(np.arange(d.size), counts)
-        offs = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        cell = cells[start[parent][owner] + offs]
-        return owner, cell // n_psi(last_level), cell % n_psi(last_level)
-    return _descendants(level, d, p, last_level)
-
-
-@functools.lru_cache(maxsize=16)
-def _descendant_map(level: int, last_level: int):
-    """CSR map of every cell of ``level`` to its ``last_level`` descendants: ``(start, cells)``
-    (flat cell indices ``direction · n_psi + psi``)."""
-    d, p = all_cells(last_level)
-    ad, ap = ancestors(last_level, d, p, level)
-    parent = ad * n_psi(level) + ap
-    order = np.argsort(parent, kind="stable")
-    start = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n_rotations(level)))])
-    return start, (d * n_psi(last_level) + p)[order]
-
-
-def _descendants(level, d, p, last_level):
-    owner = np.arange(d.size)
-    for lvl in range(level, last_level):
-        o, d, p = children_flat(lvl, d, p)
-        owner = owner[o]
-        key = np.unique((owner * n_rotations(lvl + 1) + d * n_psi(lvl + 1) + p))
-        owner, cell = key // n_rotations(lvl + 1), key % n_rotations(lvl + 1)
-        d, p = cell // n_psi(lvl + 1), cell % n_psi(lvl + 1)
-    return owner, d, p
-
-
-def ancestors(level: int, direction, psi, to_level: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ancestor at ``to_level`` ≤ ``level`` of each cell (parents composed)."""
-    d, p = np.asarray(direction, dtype=np.int64), np.asarray(psi, dtype=np.int64)
-    for lvl in range(level, to_level, -1):
-        d, p = parent_cells(lvl, d, p)
-    return d, p
-
-
-#: levels whose cells are enumerated exactly by :func:`descendant_radius_deg`
-_EXACT_MAX_CELLS = 300_000
-
-
-@functools.lru_cache(maxsize=64)
-def descendant_radius_deg(level: int, last_level: int) -> float:
-    """Largest angular distance (degrees) from a cell centre of ``level`` to the centre of any of
-    its descendants at ``last_level`` (0 when equal), over every cell of the level.
-
-    Exact (every cell of ``last_level`` is mapped to its ancestor) while the last level has at
-    most 300,000 cells (levels ≤ 4). Deeper: the triangle inequality over the steps,
-    ``Σ_j r(j → j+1)``, each step exact where its child level is enumerable and else the
-    level-3→4 step × 2^(3−j) × 1.25 (the exact step radii halve per level to within a few
-    percent over levels 0–4; the 1.25 is a measured safety factor, not a proof).
-    """
-    from .rotations import angular_distance_deg
-
-    if last_level <= level:
-        return 0.0
-    if n_rotations(last_level) <= _EXACT_MAX_CELLS:
-        d, p = all_cells(last_level)
-        ad, ap = ancestors(last_level, d, p, level)
-        dist = angular_distance_deg(cell_rotations(last_level, d, p),
-                                    cell_rotations(level, ad, ap))
-        return float(np.max(dist))
-    total = 0.0
-    for j in range(level, last_level):
-        if n_rotations(j + 1) <= _EXACT_MAX_CELLS:
-            total += descendant_radius_deg(j, j + 1)
-        else:
-            total += descendant_radius_deg(3, 4) * 2.0 ** (3 - j) * 1.25
-    return total
+    upper = np.floor(psi_star / step + 0.5).astype(int)  # the cell boundary nearest ψ*
+    p = np.stack([upper - 1, upper], axis=-1) % n_psi(level + 1)  # (n, 4, 2)
+    return np.repeat(d[:, :, None], 2, axis=2).reshape(-1, 8), p.reshape(-1, 8)
 
 
 def neighbourhood(level: int, rotation: np.ndarray, psi_radius: int = 1) -> tuple[np.ndarray,
