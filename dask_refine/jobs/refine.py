@@ -58,7 +58,7 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
-               "shift_step_px", "first_level", "max_level", "local_search",
+               "shift_step_px", "first_level", "max_level", "max_global_level", "local_search",
                "min_global_iterations", "marginalize", "use_ctf", "pad",
                "alignment_margin_shells", "symmetry")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
@@ -120,6 +120,7 @@ class RefineConfig:
     shift_step_px: float = 1.0  # largest final shift step; finer as the alignment band grows
     first_level: int = 2
     max_level: int = 8
+    max_global_level: int = 5  # global searches stop at 1.9°; finer sampling is searched locally
     local_search: bool = True
     min_global_iterations: int = 2
     alignment_margin_shells: float = 4.0
@@ -233,17 +234,22 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
 
 def _search_params(config, state: State, box: int, radius_px: float, max_shift_px: float):
     """This iteration's search, chosen by the state of the poses (RELION auto-refine's way):
-    the finest level the alignment band asks for; local once the last iteration's median pose
+    the finest level the alignment band asks for (at most ``max_global_level`` while global,
+    as RELION's ``--auto_local_healpix_order``); local once the last iteration's median pose
     change fell below the angular sampling it was measured at (the coarser of the two grids:
-    the poses then stay within a cell of where they were found); a local range of ±``LOCAL_RANGE_SIGMAS`` × the
-    angular accuracy (a local search covers ±1.5 cells of its starting level)."""
+    the poses then stay within a cell of where they were found); a local range of
+    ±``LOCAL_RANGE_SIGMAS`` × the angular accuracy (a local search covers ±1.5 cells of its
+    starting level)."""
     target = box / (np.pi * max(radius_px, 1.0) * max(state.r_align, 1.0))  # radians
     last = int(np.ceil(np.log2(np.deg2rad(60.0) / target)))
     last = int(np.clip(last, config.first_level, config.max_level))
-    first = min(config.first_level, last)
     local = bool(config.local_search and state.rotation is not None and (
         state.local or (state.iteration >= config.min_global_iterations
                         and state.pose_change_deg < state.pose_change_sampling_deg)))
+    if config.local_search and not local:  # as RELION's auto_local_healpix_order: finer
+        # grids are searched locally (--global-only searches every level globally)
+        last = min(last, max(config.max_global_level, config.first_level))
+    first = min(config.first_level, last)
     # the coarsest level whose ±1.5 cells still cover ±3σ: spacing(l) ≥ 2σ (σ/1.5 · 3)
     wide = 2.0 * LOCAL_RANGE_SIGMAS / 3.0 * max(state.angular_accuracy_deg, 1e-3)
     local_level = int(np.clip(np.floor(np.log2(60.0 / wide)), first, max(first, last - 1)))
