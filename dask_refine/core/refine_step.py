@@ -122,9 +122,10 @@ def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray)
         out.rotation[row], out.origin_px[row], out.error[row] = best_rot, best_org, best_err
         out.n_significant[row], out.max_posterior[row] = keep.size, w.max()
         out.log_likelihood[row] = log_ev
-        same = cls[keep] == best_class
+        same = cls[keep] == best_class  # (soft classes, capped: possibly none of them kept)
         d = angular_distance_deg(rot[same], best_rot[None])
-        out.posterior_sd_deg[row] = float(np.sqrt(np.sum(w[same] * d * d) / np.sum(w[same])))
+        out.posterior_sd_deg[row] = (float(np.sqrt(np.sum(w[same] * d * d) / np.sum(w[same])))
+                                     if same.any() else 0.0)
         if k_total > 1:
             out.class_id[row], out.class_weight[row] = best_class, softmax(evidence)
     poses = _Poses(*(np.concatenate(parts[f]) for f in ("particle", "class_id", "rotation",
