@@ -169,3 +169,14 @@ def test_reads_stay_at_most_one_chunk_ahead_of_each_chain(store):
     assert store.info.n_particles // chunk >= 30
     assert 1 <= plugin.peak <= 2 * n_chains, plugin.peak
     _assert_same(sums, _in_memory(store))
+
+
+def test_balanced_blocks_give_every_chain_the_same_rows():
+    from dask_refine.parallel.mapreduce import balanced_bounds
+
+    for n, chunk, chains in [(300, 100, 2), (1000, 100, 2), (97, 24, 3), (5, 100, 4), (3, 100, 4),
+                             (1, 1, 2)]:
+        rows = np.diff(balanced_bounds(n, chunk, chains))
+        assert rows.sum() == n and rows.max() <= chunk and rows.max() - rows.min() <= 1
+        assert rows.size % chains == 0 or rows.size == n < chains, (n, chunk, chains, rows)
+    assert np.diff(balanced_bounds(300, 100, 2)).tolist() == [75] * 4  # not 100, 100 | 100

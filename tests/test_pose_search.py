@@ -134,3 +134,23 @@ def test_band_pixels_multiplicity():
     assert np.all(kx ** 2 + ky ** 2 < 64)
     assert set(np.unique(mult)) == {1.0, 2.0}
     assert np.all(mult[kx == 0] == 1.0)
+
+
+def test_first_level_cap_and_shared_second_level(small_map):
+    """``first_level_candidates`` survive the first level (then ``max_candidates``), and a batch
+    that reads its second level from slices shared by the batch returns what each particle
+    searched alone (per-particle slices) returns."""
+    volume, px = small_map
+    ref, data, truth = _particles(volume, px, 12, snr=0.2, seed=13)
+    params = SearchParams(r_align=10, particle_radius_px=11, first_level=2, last_level=4,
+                          max_shift_px=2, max_candidates=32, first_level_candidates=1024)
+    batch = branch_and_bound(ref, data, params, trace=True)
+    for levels in batch.trace:
+        assert levels[0]["n_kept"] == 1024  # noisy: the bound prunes nothing at level 2
+        assert all(lv["n_kept"] <= 32 for lv in levels[1:])
+    for b in range(3):
+        one = ParticleData(data.images_rfft[b:b + 1], data.ctf[b:b + 1], data.scale[b:b + 1],
+                           data.noise_weight)
+        alone = branch_and_bound(ref, one, params)
+        np.testing.assert_allclose(alone.rotation[0], batch.rotation[b], atol=1e-12)
+        np.testing.assert_allclose(alone.error[0], batch.error[b], rtol=1e-9)

@@ -13,9 +13,10 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True, fastmath=False)
-def _corner(r, kx, ky, pad):
-    """Point pad·Aᵀ(kx, ky, 0), mirrored to x ≥ 0: (mirrored, x0, y0, z0, fx, fy, fz)."""
+@numba.njit(nogil=True, cache=True, fastmath=False, inline="always")
+def _point(r, pad, kx, ky):
+    """Point pad·Aᵀ(kx, ky, 0) mirrored to x ≥ 0 and its trilinear cell: (mirrored, x0, the two
+    z and y indices wrapped into the padded box, fx, fy, fz)."""
     px = (kx * r[0, 0] + ky * r[1, 0]) * pad
     py = (kx * r[0, 1] + ky * r[1, 1]) * pad
     pz = (kx * r[0, 2] + ky * r[1, 2]) * pad
@@ -29,38 +30,21 @@ def _corner(r, kx, ky, pad):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w):
-    """The 8 trilinear corners (indices wrapped on z/y) and weights, written into zi, yi, xi, w."""
-    c = 0
-    for dz in range(2):
-        wz = fz if dz else 1.0 - fz
-        for dy in range(2):
-            wy = fy if dy else 1.0 - fy
-            for dx in range(2):
-                zi[c] = (z0 + dz + half) % p
-                yi[c] = (y0 + dy + half) % p
-                xi[c] = x0 + dx
-                w[c] = wz * wy * (fx if dx else 1.0 - fx)
-                c += 1
-
-
-@numba.njit(nogil=True, cache=True, fastmath=False)
 def insert_slices(data, weights, rotations, kx, ky, pix, pad, data_sum, weight_sum,
                   use_weights):
     """data (N, D·(D//2+1)) complex; weights same shape real; rotations (N, 3, 3) float64;
     kx, ky (M,) frequencies of the used pixels and ``pix`` (M,) their flat indices;
-    data_sum / weight_sum (P, P, P//2+1) accumulated in place."""
+    data_sum / weight_sum (P, P, P//2+1) accumulated in place. The 8 corners are unrolled
+    (corner x0 + 1 is skipped where it lies beyond the half-space's last column)."""
     n = data.shape[0]
     m = pix.shape[0]
     p = data_sum.shape[0]
     h = data_sum.shape[2]
     half = p // 2
-    zi, yi, xi = np.empty(8, np.int64), np.empty(8, np.int64), np.empty(8, np.int64)
-    w = np.empty(8)
     for i in range(n):
         r = rotations[i]
         for j in range(m):
-            mirrored, x0, y0, z0, fx, fy, fz = _corner(r, kx[j], ky[j], pad)
+            mirrored, x0, y0, z0, fx, fy, fz = _point(r, pad, kx[j], ky[j])
             val = data[i, pix[j]]
             w0 = weights[i, pix[j]] if use_weights else 0.0
             if kx[j] == 0.0:
@@ -68,12 +52,22 @@ def insert_slices(data, weights, rotations, kx, ky, pix, pad, data_sum, weight_s
                 w0 = w0 * 0.5
             if mirrored:
                 val = val.conjugate()
-            _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w)
-            for c in range(8):
-                if xi[c] < h:
-                    data_sum[zi[c], yi[c], xi[c]] += w[c] * val
+            za, zb = (z0 + half) % p, (z0 + 1 + half) % p
+            ya, yb = (y0 + half) % p, (y0 + 1 + half) % p
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            x1 = x0 + 1
+            inside = x1 < h
+            for z, wz in ((za, gz), (zb, fz)):
+                for y, wy in ((ya, gy), (yb, fy)):
+                    w = wz * wy * gx
+                    data_sum[z, y, x0] += w * val
                     if use_weights:
-                        weight_sum[zi[c], yi[c], xi[c]] += w[c] * w0
+                        weight_sum[z, y, x0] += w * w0
+                    if inside:
+                        w = wz * wy * fx
+                        data_sum[z, y, x1] += w * val
+                        if use_weights:
+                            weight_sum[z, y, x1] += w * w0
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
@@ -84,15 +78,24 @@ def extract_slices(volume, rotations, kx, ky, pix, pad, out):
     p = volume.shape[0]
     h = volume.shape[2]
     half = p // 2
-    zi, yi, xi = np.empty(8, np.int64), np.empty(8, np.int64), np.empty(8, np.int64)
-    w = np.empty(8)
     for i in range(n):
         r = rotations[i]
         for j in range(m):
-            conj, x0, y0, z0, fx, fy, fz = _corner(r, kx[j], ky[j], pad)
-            _footprint(x0, y0, z0, fx, fy, fz, p, half, zi, yi, xi, w)
-            acc = 0j
-            for c in range(8):
-                if xi[c] < h:
-                    acc += w[c] * volume[zi[c], yi[c], xi[c]]
+            conj, x0, y0, z0, fx, fy, fz = _point(r, pad, kx[j], ky[j])
+            za, zb = (z0 + half) % p, (z0 + 1 + half) % p
+            ya, yb = (y0 + half) % p, (y0 + 1 + half) % p
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            inside = x0 + 1 < h
+            acc = (gz * gy * gx) * volume[za, ya, x0]
+            if inside:
+                acc += (gz * gy * fx) * volume[za, ya, x0 + 1]
+            acc += (gz * fy * gx) * volume[za, yb, x0]
+            if inside:
+                acc += (gz * fy * fx) * volume[za, yb, x0 + 1]
+            acc += (fz * gy * gx) * volume[zb, ya, x0]
+            if inside:
+                acc += (fz * gy * fx) * volume[zb, ya, x0 + 1]
+            acc += (fz * fy * gx) * volume[zb, yb, x0]
+            if inside:
+                acc += (fz * fy * fx) * volume[zb, yb, x0 + 1]
             out[i, pix[j]] = acc.conjugate() if conj else acc

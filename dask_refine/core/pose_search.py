@@ -20,10 +20,18 @@ shift-independent): ``(‖X_hi‖_w − s‖C A‖_{w,hi})₊²`` (Cauchy–Schw
 a coarse shift grid; at each level the candidate with the lowest bound gets its true error E*;
 every candidate whose bound exceeds ``E* + margin`` is dropped, where the grid margin is
 ``margin_fraction`` × the signal energy ``s²‖C Ŷ‖²`` of that candidate's band (what a pose within
-the cell can still gain); at most ``max_candidates`` survive; survivors are split into their 8
-children, the shift grid is halved around the best shift, and the band limit grows with the level
+the cell can still gain); at most ``max_candidates`` survive (``first_level_candidates`` from the
+first level); survivors are split into their children (:func:`.so3_grid.children`), the shift
+grid is halved around the best shift, and the band limit grows with the level
 (``L ≈ D / (π · particle_radius · spacing)``). At the last level the survivors' true errors over the
-3×3 shift grid decide. :func:`exhaustive_search` evaluates the true error at every cell of the
+3×3 shift grid decide.
+
+On noisy data the high-band bound is far below the true error, nothing is pruned by it, and the
+caps decide: this is then a beam search (docs/benchmarks.md). The first level's ranking rests on
+the lowest band (3–4 Fourier pixels at 15°) and is the least reliable: at SNR 0.05 the true
+pose's level-2 ancestor ranks up to ~900th of 4,608, and with a first-level cap of 256, 5% of
+the particles of a global iteration end > 20° from a pose that scores better (2,048: none of
+100; docs/benchmarks.md, "first-level cap"). :func:`exhaustive_search` evaluates the true error at every cell of the
 last level and every shift the search can reach: the reference the tests compare against.
 """
 
@@ -33,6 +41,7 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from . import so3_grid
 from .backend import array_module, batch_size_for_memory, free_device_bytes, kernels, to_numpy
@@ -41,6 +50,8 @@ from .projection import extract_central_slices_rfft
 from .symmetry import in_asymmetric_unit, symmetry_operators
 
 SQRT3 = float(np.sqrt(3.0))
+#: a global search's second level is extracted once per batch up to this many cells (level 3)
+SHARED_LEVEL_MAX_CELLS = 36_864
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class SearchParams:
     # marginalisation: final poses within this error (−2 log-likelihood) of the best are
     # returned in ``SearchResult.candidates``, and no candidate within it of the best is pruned
     posterior_window: float = 0.0
+    # the cap on the first level's survivors (None: ``max_candidates``): its band is the
+    # lowest, its ranking the least reliable (see the module docstring)
+    first_level_candidates: int | None = None
 
 
 @dataclass
@@ -275,6 +289,17 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         d0, p0, r0 = asymmetric_cells(first, params.symmetry)
         _, kx, ky, _ = band_pix[first]
         shared = (d0, p0, r0, _slices(reference_rfft, box, r0, kx, ky))
+    # the second level's slices, once for the batch when its particles would ask for more
+    # (up to 8 × the first level's survivors each) than the level has cells
+    second = None
+    if (not params.local and first < last
+            and so3_grid.n_rotations(first + 1) <= SHARED_LEVEL_MAX_CELLS
+            and n * 8 * (params.first_level_candidates or params.max_candidates)
+            > 2 * so3_grid.n_rotations(first + 1)):
+        _, kx, ky, _ = band_pix[first + 1]
+        second = _slices(reference_rfft, box,
+                         so3_grid.cell_rotations(first + 1, *so3_grid.all_cells(first + 1)),
+                         kx, ky)
 
     out_rot = np.zeros((n, 3, 3))
     out_origin = np.zeros((n, 2))
@@ -300,7 +325,9 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         levels = []
         for lvl in range(first, last + 1):
             part = _Particle(data, b, band_pix[lvl])
-            if slices is None:
+            if slices is None and second is not None and lvl == first + 1:
+                slices = second[dirs * so3_grid.n_psi(lvl) + psis]
+            elif slices is None:
                 slices = _slices(reference_rfft, box, so3_grid.cell_rotations(lvl, dirs, psis),
                                  part.kx, part.ky)
             err, energy = _pair_errors(part, slices, pair_rot, pair_origin)
@@ -314,19 +341,25 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                                  p_true.ky))
             evals += 1
             e_star = float(true_star[0, 0])
-            keep = _prune(bound, e_star, energy, params)
+            keep = _prune(bound, e_star, energy, params,
+                          params.first_level_candidates if lvl == first
+                          and params.first_level_candidates else params.max_candidates)
             if trace:
                 levels.append(_trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot,
                                            pair_origin, bound, keep, e_star, star, evals,
                                            bands[lvl], params.margin_fraction * energy))
             if lvl == last:
-                # final decision: the true error of every surviving pair
+                # final decision: the true error of every surviving pair (already computed
+                # when this level's band is the whole alignment band)
                 kr, inv = np.unique(pair_rot[keep], return_inverse=True)
-                fin = _slices(reference_rfft, box, so3_grid.cell_rotations(lvl, dirs[kr],
-                                                                          psis[kr]),
-                              p_true.kx, p_true.ky)
-                true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
-                evals += true_err.size
+                if bands[lvl] >= params.r_align:
+                    true_err = err[keep]
+                else:
+                    fin = _slices(reference_rfft, box,
+                                  so3_grid.cell_rotations(lvl, dirs[kr], psis[kr]),
+                                  p_true.kx, p_true.ky)
+                    true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
+                    evals += true_err.size
                 order = np.argsort(true_err, kind="stable")
                 near = order[true_err[order] <= true_err[order[0]] + params.posterior_window]
                 cells = kr[inv.ravel()[near]]
@@ -337,21 +370,21 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                 if trace:
                     levels[-1]["final_errors"] = true_err
                 break
-            # children: 8 sub-cells × the 3×3 half-spacing origins around each kept pair
+            # children (mostly 8 sub-cells, :func:`.so3_grid.children`) × the 3×3
+            # half-spacing origins around each kept pair
             step = step0 / 2 ** (lvl + 1 - first)
             sub = so3_grid.shift_grid(step, step)
             cd, cp = so3_grid.children(lvl, dirs[pair_rot[keep]], psis[pair_rot[keep]])
+            n_children = cd.shape[1]
             child_origin = pair_origin[keep][:, None, None, :] + sub[None, None, :, :]
             cd = np.repeat(cd[:, :, None], sub.shape[0], axis=2).ravel()
             cp = np.repeat(cp[:, :, None], sub.shape[0], axis=2).ravel()
-            child_origin = np.broadcast_to(child_origin, (keep.size, 8, sub.shape[0], 2))
+            child_origin = np.broadcast_to(child_origin, (keep.size, n_children, sub.shape[0], 2))
             cell = cd.astype(np.int64) * so3_grid.n_psi(lvl + 1) + cp
             q = np.round(child_origin.reshape(-1, 2) * 64.0).astype(np.int64) + (1 << 20)
             key = (cell << 42) + (q[:, 0] << 21) + q[:, 1]
-            _, first_of = np.unique(key, return_index=True)
-            first_of = np.sort(first_of)
-            uniq_cells, pair_rot = np.unique(cell[first_of], return_inverse=True)
-            pair_rot = pair_rot.ravel()
+            first_of, _ = _first_occurrences(key)
+            pair_rot, uniq_cells = pd.factorize(cell[first_of])
             dirs = uniq_cells // so3_grid.n_psi(lvl + 1)
             psis = uniq_cells % so3_grid.n_psi(lvl + 1)
             pair_origin = child_origin.reshape(-1, 2)[first_of]
@@ -376,6 +409,16 @@ def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin,
                 best_bound=float(bound[star]), evaluations=int(evals))
 
 
+def _first_occurrences(keys):
+    """``(first, inverse)`` of integer ``keys``: the index of each distinct key's first
+    occurrence (in order of appearance) and each key's position among them. Hash-based
+    (``pandas.factorize``), O(n): these run on ~10⁵ pairs per particle and level."""
+    inverse, _ = pd.factorize(keys)
+    running = np.maximum.accumulate(inverse)
+    first = np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+    return first, inverse
+
+
 def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     """Errors of (rotation, origin) pairs: ``slices[pair_rot[i]]`` at ``pair_origin[i]``.
 
@@ -387,8 +430,7 @@ def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     energy_rot = (xp.abs(cy) ** 2) @ part.mw
     norm_x = float(xp.sum(part.mw * xp.abs(part.x) ** 2))
     q = np.round(pair_origin * 64.0).astype(np.int64)  # origins lie on a lattice of ≥ 1/64 px
-    _, first_of, inverse = np.unique((q[:, 0] << 32) + q[:, 1], return_index=True,
-                                     return_inverse=True)
+    first_of, inverse = _first_occurrences((q[:, 0] << 32) + q[:, 1])
     xs = part.shifted(pair_origin[first_of]) * part.mw[None, :]  # (U, M)
     cross = (cy.conj() @ xs.T).real  # (rotations, U): one GEMM, then pick the pairs
     rot_d, origin_d = xp.asarray(pair_rot), xp.asarray(inverse.ravel())
@@ -396,15 +438,18 @@ def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     return to_numpy(err), to_numpy(energy_rot[rot_d])
 
 
-def _prune(bound, e_star, energy, params: SearchParams) -> np.ndarray:
+def _prune(bound, e_star, energy, params: SearchParams, cap: int) -> np.ndarray:
     """Indices of candidates whose bound is within ``e_star`` + their grid margin + the
-    posterior window (≤ cap)."""
+    posterior window, at most ``cap`` of them (the lowest bounds)."""
     margin = params.margin_fraction * energy + params.posterior_window
     keep = np.flatnonzero(bound <= e_star + margin)
     if keep.size == 0:
         keep = np.array([int(np.argmin(bound))])
-    if keep.size > params.max_candidates:
-        keep = keep[np.argsort(bound[keep], kind="stable")[: params.max_candidates]]
+    if keep.size > cap:  # the cap: the lowest bounds (ties by index)
+        b = bound[keep]
+        cut = np.partition(b, cap - 1)[cap - 1]
+        tied = keep[b == cut][: cap - int(np.count_nonzero(b < cut))]
+        keep = np.sort(np.concatenate([keep[b < cut], tied]))
     return keep
 
 

@@ -40,8 +40,8 @@ HALF_NAMES = ("A", "B")
 @dataclass(frozen=True)
 class ReconstructConfig:
     """Reconstruction Only. ``mask_diameter_A``: soft spherical mask for the FSC (None: unmasked);
-    ``chunk_size``: particles per task (None: the store's chunks); ``n_chains``: parallel
-    accumulation chains (None: one per worker thread); ``symmetry``: point group applied to
+    ``chunk_size``: particles per task (None: the store's chunks, evened out over the chains);
+    ``n_chains``: parallel accumulation chains (None: one per worker thread); ``symmetry``: point group applied to
     the sums before reconstruction (RELION's ``--sym``); ``masks``: a user or automatic solvent
     mask for the final, mask-corrected FSC (:mod:`.masking`); ``classes``: heterogeneous
     reconstruction, ``"labels"`` (the store's class labels, hard) or a ``.npy`` file of

@@ -58,7 +58,8 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
-               "shift_step_px", "first_level", "max_level", "max_global_level", "local_search",
+               "shift_step_px", "first_level", "max_level", "max_global_level",
+               "first_level_candidates", "local_search",
                "min_global_iterations", "marginalize", "use_ctf", "pad",
                "alignment_margin_shells", "symmetry")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
@@ -121,6 +122,7 @@ class RefineConfig:
     first_level: int = 2
     max_level: int = 8
     max_global_level: int = 5  # global searches stop at 1.9°; finer sampling is searched locally
+    first_level_candidates: int = 2048  # survivors of a global search's first (15°) level
     local_search: bool = True
     min_global_iterations: int = 2
     alignment_margin_shells: float = 4.0
@@ -258,6 +260,7 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
     return SearchParams(r_align=state.r_align, particle_radius_px=radius_px,
                         first_level=first, last_level=last,
                         max_shift_px=max_shift_px, shift_step_px=shift_step,
+                        first_level_candidates=config.first_level_candidates,
                         local=local, local_level=local_level, symmetry=config.symmetry,
                         posterior_window=POSTERIOR_WINDOW if config.marginalize else 0.0)
 

@@ -131,6 +131,16 @@ def chunk_bounds(n: int, chunk_size: int) -> np.ndarray:
     return np.unique(np.append(np.arange(0, n, max(1, int(chunk_size))), n))
 
 
+def balanced_bounds(n: int, chunk_size: int, n_chains: int) -> np.ndarray:
+    """Row boundaries of blocks of at most ``chunk_size`` rows, as many as a multiple of
+    ``n_chains`` (or ``n`` when fewer), their sizes differing by at most one row: a chain's
+    tasks run one after another, so 3 blocks on 2 chains would leave one worker idle a third
+    of the time."""
+    chunk_size, n_chains = max(1, int(chunk_size)), max(1, int(n_chains))
+    n_blocks = min(max(n, 1), n_chains * -(-n // (n_chains * chunk_size)))
+    return np.unique(np.linspace(0, n, n_blocks + 1).round().astype(np.int64))
+
+
 def chained_map_reduce(images, meta: dict, groups: np.ndarray, accumulate, extra_args: tuple,
                        combine, n_chains: int = 4, split_every: int = 4,
                        chunk_size: int | None = None, finish=None):
@@ -141,16 +151,18 @@ def chained_map_reduce(images, meta: dict, groups: np.ndarray, accumulate, extra
     the chains' final states are combined with ``combine(*states)``, and the result passed
     through ``finish`` when given (e.g. :func:`_to_host` after a GPU reduction).
 
-    ``images``: the stack as a zarr array (or any array that slices lazily), read in chunks of
-    ``chunk_size`` rows (default: its own chunks) by tasks on the workers. The read of a chain's
+    ``images``: the stack as a zarr array (or any array that slices lazily), read in blocks of
+    ``chunk_size`` rows (default: its own chunks, evened out over the chains by
+    :func:`balanced_bounds`) by tasks on the workers. The read of a chain's
     k-th chunk waits for the chain's state k − 2, so each chain reads one chunk ahead of its
     backprojection and no further: reads are quick and would otherwise all run first and pile
     up in worker memory (the stack must never be loaded whole).
     """
     from dask import delayed
 
-    size = chunk_size or (images.chunks[0] if hasattr(images, "chunks") else len(images))
-    bounds = chunk_bounds(images.shape[0], size)
+    n = images.shape[0]
+    bounds = (chunk_bounds(n, chunk_size) if chunk_size else balanced_bounds(
+        n, images.chunks[0] if hasattr(images, "chunks") else n, n_chains))
     source = delayed(images, name=f"particle-images-{uuid.uuid4().hex}", traverse=False)
     n_blocks = len(bounds) - 1
     n_chains = max(1, min(n_chains, n_blocks))
