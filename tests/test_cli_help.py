@@ -46,3 +46,13 @@ def test_help_and_exit_codes(capsys):
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     usage = subprocess.run(run + ["refine"], capture_output=True, text=True)
     assert usage.returncode == 2  # argparse: missing arguments
+
+
+def test_first_level_candidates_below_one_is_refused(capsys, tmp_path):
+    from dask_refine.ui.cli import main
+
+    code = main(["refine", str(tmp_path / "p.zarr"), "--initial", str(tmp_path / "m.mrc"),
+                 "--out", str(tmp_path / "out"), "--first-level-candidates", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "first_level_candidates" in err and "at least 1" in err
+    assert not (tmp_path / "out").exists()

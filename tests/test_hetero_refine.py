@@ -38,7 +38,8 @@ def test_two_class_mixture_is_separated(mixture):
     root, map_a, map_b = mixture
     summary = run_refine(RefineConfig(store=str(root / "p.zarr"),
                                       initial_map=(str(root / "a.mrc"), str(root / "b.mrc")),
-                                      out_dir=str(root / "out"), max_iterations=3),
+                                      out_dir=str(root / "out"), max_iterations=3,
+                                      first_level_candidates=256),  # SNR 0.5: 256 suffice
                          log=lambda m: None)
     truth = np.r_[np.zeros(N // 2, int), np.ones(N // 2, int)]
     star = starfile.read(root / "out" / "particles.star", always_dict=True)["particles"]

@@ -136,6 +136,11 @@ class RefineConfig:
     resume: bool = False
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self):
+        if self.first_level_candidates < 1:
+            raise InputError("first_level_candidates",
+                             f"must be at least 1, not {self.first_level_candidates}")
+
 
 @dataclass
 class State:

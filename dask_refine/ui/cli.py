@@ -267,7 +267,8 @@ def cmd_refine(args) -> int:
         marginalize=not args.no_marginalize, non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
-        local_search=not args.global_only, use_ctf=not args.no_ctf, symmetry=args.symmetry,
+        local_search=not args.global_only, first_level_candidates=args.first_level_candidates,
+        use_ctf=not args.no_ctf, symmetry=args.symmetry,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
@@ -407,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "±3× the angular accuracy, once the median pose change has fallen below "
                        f"the angular sampling, after at least {d.min_global_iterations} global "
                        "iterations)")
+        p.add_argument("--first-level-candidates", type=int, default=d.first_level_candidates,
+                       metavar="N", help="poses a global search carries out of its first "
+                       "(15°) level (default: %(default)s; 256 suffice on high-SNR data, fewer "
+                       "make flips likelier at low SNR)")
         p.add_argument("--no-marginalize", action="store_true",
                        help="backproject each particle at its best pose only (default: over "
                        "its significant poses with their posterior weights, as RELION)")
