@@ -40,6 +40,8 @@ def _event(run, iteration, noise, rng):
                                                 "median_significant_poses": 12.0,
                                                 "angular_accuracy_deg": 1.5,
                                                 "outlier_fraction": 0.02,
+                                                "mean_pruned_by_bound": 0.0,
+                                                "mean_pruned_by_cap": 9e3,
                                                 "arrays": {"error": np.zeros(3)}})
 
 
@@ -76,6 +78,8 @@ def test_event_is_plain_data_and_the_page_shows_the_latest_run(rng):
     assert data["fsc"]["ys"][0] != data["fsc"]["ys"][1]
     assert data["resolution_points"]["y"] == [8.0, 4.0]
     assert data["speed"]["exhaustive"] == [1e6, 1e6]
+    assert data["speed"]["pruned_by_cap"] == [9e3, 9e3]  # the beam apart from the bound
+    assert data["speed"]["pruned_by_bound"] == [0.0, 0.0]
     assert data["posterior"]["significant_poses"] == [12.0, 12.0]
     assert data["posterior"]["accuracy_deg"] == [1.5, 1.5]
     assert data["slice_A_xy"]["image"][0].shape == (32, 32)

@@ -107,6 +107,12 @@ def test_search_with_noise_and_trace(small_map):
             kept = lv["kept"]  # survivors are within the best true error plus their margin
             assert np.all(lv["bounds"][kept] <= lv["best_true"] + lv["margins"][kept] + 1e-9)
         assert levels[-1]["evaluations"] <= evals
+        for lv, (cands, by_bound, by_cap) in zip(levels, res.pruning[b]):
+            # every candidate is kept, pruned by its bound or dropped by the cap
+            assert cands == lv["n_candidates"] and lv["n_pruned_cap"] == by_cap
+            assert lv["n_kept"] == max(1, cands - by_bound - by_cap)
+            within = lv["bounds"] <= lv["best_true"] + lv["margins"]
+            assert by_bound == np.count_nonzero(~within)
         # the returned pose is the best true error among the last level's survivors
         assert np.isclose(levels[-1]["final_errors"].min(), res.error[b])
 
@@ -145,9 +151,11 @@ def test_first_level_cap_and_shared_second_level(small_map):
     params = SearchParams(r_align=10, particle_radius_px=11, first_level=2, last_level=4,
                           max_shift_px=2, max_candidates=32, first_level_candidates=1024)
     batch = branch_and_bound(ref, data, params, trace=True)
-    for levels in batch.trace:
+    for levels, pruning in zip(batch.trace, batch.pruning):
         assert levels[0]["n_kept"] == 1024  # noisy: the bound prunes nothing at level 2
         assert all(lv["n_kept"] <= 32 for lv in levels[1:])
+        # ... so the cap decides there: the search is a beam there, and says so
+        assert pruning[0, 1] == 0 and pruning[0, 2] == pruning[0, 0] - 1024
     for b in range(3):
         one = ParticleData(data.images_rfft[b:b + 1], data.ctf[b:b + 1], data.scale[b:b + 1],
                            data.noise_weight)

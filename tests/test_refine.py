@@ -57,6 +57,10 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
     res_true = resolution_at_threshold(fsc(_true_pose_map(store, px), volume), 64, px, 0.5)
     assert res_refined < 1.2 * res_true, (res_refined, res_true)
     assert summary["resolution_A"] < 6.0
+    table = pd.read_csv(tmp_path / "out" / "iterations.csv")
+    for name in ("pruned_by_bound_fraction", "pruned_by_cap_fraction", "capped_fraction"):
+        assert table[name].between(0, 1).all(), name
+    assert (table["pruned_by_bound_fraction"] + table["pruned_by_cap_fraction"] < 1).all()
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,10 @@ class SearchParams:
 class SearchResult:
     """Best poses for a batch: ``rotation (B, 3, 3)``, ``origin_px (B, 2)``, ``error (B,)`` (the true
     error), ``n_evaluations (B,)`` (pose × shift error evaluations, bounds and true errors alike),
-    and, when asked for, a per-particle ``trace`` of every level. ``candidates``: per particle,
+    ``pruning (B, levels, 3)``: per level the candidates, those dropped because their bound
+    exceeds the best true error plus margin and window ("by bound"), and those within it that
+    the cap dropped ("by cap": where it is > 0 the result is a beam's, not a bound's), and,
+    when asked for, a per-particle ``trace`` of every level. ``candidates``: per particle,
     ``(rotations (m, 3, 3), origins_px (m, 2), errors (m,))`` of every final-level pose whose true
     error is within ``params.posterior_window`` of the best (the best first); the poses a
     marginalised E-step weighs."""
@@ -94,6 +97,7 @@ class SearchResult:
     n_evaluations: np.ndarray
     trace: list | None = None
     candidates: list | None = None
+    pruning: np.ndarray | None = None  # (B, levels, 3): candidates, pruned by bound, by cap
 
 
 @dataclass
@@ -264,7 +268,8 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     ``rotations`` and
     ``origins_px`` of the candidates, ``best_true`` / ``best_bound`` (the best-bound candidate's
     true error and bound), ``evaluations`` (cumulative count, trace-only errors excluded) and,
-    at the last level, ``final_errors`` (true errors of the survivors). Every bound is ≤ its
+    at the last level, ``final_errors`` (true errors of the survivors); ``n_pruned_bound`` and
+    ``n_pruned_cap`` as in ``SearchResult.pruning``. Every bound is ≤ its
     true error; that is what makes pruning safe.
     """
     box = data.box_size
@@ -305,6 +310,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     out_origin = np.zeros((n, 2))
     out_err = np.zeros(n)
     out_evals = np.zeros(n, dtype=np.int64)
+    pruning = np.zeros((n, last - first + 1, 3), dtype=np.int64)
     traces = [] if trace else None
     candidates = []
     for b in range(n):
@@ -341,13 +347,17 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                                  p_true.ky))
             evals += 1
             e_star = float(true_star[0, 0])
-            keep = _prune(bound, e_star, energy, params,
-                          params.first_level_candidates if lvl == first
-                          and params.first_level_candidates else params.max_candidates)
+            keep, within = _prune(bound, e_star, energy, params,
+                                  params.first_level_candidates if lvl == first
+                                  and params.first_level_candidates else params.max_candidates)
+            pruning[b, lvl - first] = (bound.size, bound.size - within,
+                                       max(0, within - keep.size))
             if trace:
                 levels.append(_trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot,
                                            pair_origin, bound, keep, e_star, star, evals,
                                            bands[lvl], params.margin_fraction * energy))
+                levels[-1].update(n_pruned_bound=int(pruning[b, lvl - first, 1]),
+                                  n_pruned_cap=int(pruning[b, lvl - first, 2]))
             if lvl == last:
                 # final decision: the true error of every surviving pair (already computed
                 # when this level's band is the whole alignment band)
@@ -392,7 +402,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         out_evals[b] = evals
         if trace:
             traces.append(levels)
-    return SearchResult(out_rot, out_origin, out_err, out_evals, traces, candidates)
+    return SearchResult(out_rot, out_origin, out_err, out_evals, traces, candidates, pruning)
 
 
 def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin, bound, keep,
@@ -438,11 +448,12 @@ def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     return to_numpy(err), to_numpy(energy_rot[rot_d])
 
 
-def _prune(bound, e_star, energy, params: SearchParams, cap: int) -> np.ndarray:
+def _prune(bound, e_star, energy, params: SearchParams, cap: int):
     """Indices of candidates whose bound is within ``e_star`` + their grid margin + the
-    posterior window, at most ``cap`` of them (the lowest bounds)."""
+    posterior window, at most ``cap`` of them (the lowest bounds); and how many were within."""
     margin = params.margin_fraction * energy + params.posterior_window
     keep = np.flatnonzero(bound <= e_star + margin)
+    within = int(keep.size)
     if keep.size == 0:
         keep = np.array([int(np.argmin(bound))])
     if keep.size > cap:  # the cap: the lowest bounds (ties by index)
@@ -450,7 +461,7 @@ def _prune(bound, e_star, energy, params: SearchParams, cap: int) -> np.ndarray:
         cut = np.partition(b, cap - 1)[cap - 1]
         tied = keep[b == cut][: cap - int(np.count_nonzero(b < cut))]
         keep = np.sort(np.concatenate([keep[b < cut], tied]))
-    return keep
+    return keep, within
 
 
 def reachable_origins(params: SearchParams) -> np.ndarray:

@@ -59,7 +59,9 @@ class StepResult:
     The pose is the most probable one of the particle's class; ``n_significant`` the poses it
     was backprojected at, ``max_posterior`` the largest weight, ``log_likelihood`` the
     log-evidence of the kept poses (:mod:`.posterior`), ``posterior_sd_deg`` the weighted RMS
-    angle of the significant poses from the best (its angular accuracy)."""
+    angle of the significant poses from the best (its angular accuracy); ``capped`` and
+    ``pruning`` say where the search's caps, not its bound, decided
+    (:class:`.pose_search.SearchResult`)."""
 
     rotation: np.ndarray  # (B, 3, 3)
     origin_px: np.ndarray  # (B, 2)
@@ -74,6 +76,8 @@ class StepResult:
     max_posterior: np.ndarray | None = None  # (B,)
     log_likelihood: np.ndarray | None = None  # (B,)
     posterior_sd_deg: np.ndarray | None = None  # (B,)
+    capped: np.ndarray | None = None  # (B,) the cap dropped poses the bound kept (any class)
+    pruning: np.ndarray | None = None  # (levels, 3) batch sums of SearchResult.pruning
 
 
 def class_posteriors(errors) -> np.ndarray:
@@ -186,7 +190,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                      np.zeros(n, np.int64), np.ones(n), np.zeros(box // 2 + 1),
                      np.zeros(box // 2 + 1), n_significant=np.zeros(n, np.int64),
                      max_posterior=np.zeros(n), log_likelihood=np.zeros(n),
-                     posterior_sd_deg=np.zeros(n))
+                     posterior_sd_deg=np.zeros(n), capped=np.zeros(n, bool))
     if k_total > 1:
         out.class_id = np.zeros(n, np.int64)
         out.class_weight = np.zeros((n, k_total))
@@ -203,6 +207,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                                   prior_origin_px=prior_origin[sel],
                                   envelope=envelopes[2 * k + h]) for k in range(k_total)]
         out.n_evaluations[sel_host] = sum(r.n_evaluations for r in found)
+        out.capped[sel_host] = np.any([r.pruning[:, :, 2].sum(axis=1) > 0 for r in found], axis=0)
+        pruned = sum(r.pruning.sum(axis=0) for r in found)
+        out.pruning = pruned if out.pruning is None else out.pruning + pruned
         poses = _posteriors(found, options, out, sel_host)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
         x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]

@@ -64,7 +64,8 @@ RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_l
                "alignment_margin_shells", "symmetry")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("median_significant_poses", "mean_max_posterior",
-                        "angular_accuracy_deg", "outlier_fraction", "scale_iqr")
+                        "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
+                        "pruned_by_bound_fraction", "pruned_by_cap_fraction", "capped_fraction")
 #: Poses whose error is within this of the best (posterior weight ≥ 10⁻⁴ of the best's) are
 #: the candidates the E-step weighs: −2 log 10⁻⁴.
 POSTERIOR_WINDOW = float(2.0 * np.log(1e4))
@@ -384,7 +385,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     t_step = time.perf_counter() - t0
     n = info.n_particles
     fields = ("rotation", "origin_px", "error", "n_evaluations", "scale_estimate",
-              "n_significant", "max_posterior", "log_likelihood", "posterior_sd_deg")
+              "n_significant", "max_posterior", "log_likelihood", "posterior_sd_deg", "capped")
     if n_classes > 1:
         fields += ("class_id", "class_weight")
     per_particle = {f: np.concatenate([getattr(step, f) for _, step in results]) for f in fields}
@@ -396,6 +397,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     scale_est = per_particle["scale_estimate"]
     class_id = per_particle.get("class_id")
     noise_sums = sum(step.noise_sums for _, step in results)
+    pruning = sum(step.pruning for _, step in results)  # (levels, 3)
     noise_counts = sum(step.noise_counts for _, step in results)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
@@ -459,6 +461,18 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
              "angular_accuracy_deg": accuracy,
              "outlier_fraction": outlier_fraction(per_particle["log_likelihood"]),
              "scale_iqr": float(np.subtract(*np.percentile(new.scale, [75, 25]))),
+             # where the bound decided and where the caps did (all levels; by level in
+             # state.json): the search is a branch and bound only where the cap never fires
+             "pruned_by_bound_fraction": float(pruning[:, 1].sum() / max(1, pruning[:, 0].sum())),
+             "pruned_by_cap_fraction": float(pruning[:, 2].sum() / max(1, pruning[:, 0].sum())),
+             "capped_fraction": float(np.mean(per_particle["capped"])),
+             "mean_pruned_by_bound": float(pruning[:, 1].sum() / n),
+             "mean_pruned_by_cap": float(pruning[:, 2].sum() / n),
+             "pruning_by_level": [dict(level=int(lvl), candidates=int(c), pruned_by_bound=int(pb),
+                                       pruned_by_cap=int(pc))
+                                  for lvl, (c, pb, pc) in zip(range(
+                                      params.local_level if params.local else params.first_level,
+                                      params.last_level + 1), pruning.tolist())],
              "arrays": {"error": error, "evaluations": evals,
                         **{f: per_particle[f] for f in ("n_significant", "max_posterior",
                                                         "log_likelihood", "posterior_sd_deg")},
@@ -617,7 +631,8 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         "mean_pose_evaluations": [r["mean_evaluations"] for r in rows],
         "particles_per_s": [r["particles_per_s"] for r in rows],
         "time_s": [r["time_s"] for r in rows],
-        **{name: [r[name] for r in rows] for name in ITERATION_STATISTICS},
+        # (a run resumed from iterations written before a statistic existed: NaN there)
+        **{name: [r.get(name, math.nan) for r in rows] for name in ITERATION_STATISTICS},
         **per_class,
     })
     poses = {"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,

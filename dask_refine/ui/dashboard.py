@@ -6,7 +6,8 @@ The scheduler's dashboard is a Bokeh server whose pages are the module-level dic
 - ``/dask-refine``: the whole refinement page (FSC of every iteration, resolution per
   iteration, central slices of the current half maps along three axes, distribution of viewing
   directions, pose and class changes, class sizes, particles/s, pose evaluations per particle
-  against an exhaustive search), with the Dask navigation bar (task stream, progress, workers
+  against an exhaustive search with the candidates pruned by the search's bound apart from those
+  dropped by its cap), with the Dask navigation bar (task stream, progress, workers
   one click away);
 - ``/individual-dask-refine``: the same, listed in ``/individual-plots.json`` so the JupyterLab
   Dask extension offers it as a pane beside a notebook.
@@ -135,7 +136,9 @@ def source_data(run: list[dict], class_index: int = 0) -> dict[str, dict]:
     speed = {"iteration": iterations,
              "particles_per_s": [_nan(s.get("particles_per_s")) for s in stats],
              "evaluations": [_nan(s.get("mean_evaluations")) for s in stats],
-             "exhaustive": [_nan(s.get("exhaustive_evaluations")) for s in stats]}
+             "exhaustive": [_nan(s.get("exhaustive_evaluations")) for s in stats],
+             "pruned_by_bound": [_nan(s.get("mean_pruned_by_bound")) for s in stats],
+             "pruned_by_cap": [_nan(s.get("mean_pruned_by_cap")) for s in stats]}
     posterior = {"iteration": iterations,
                  "significant_poses": [_nan(s.get("median_significant_poses")) for s in stats],
                  "accuracy_deg": [_nan(s.get("angular_accuracy_deg")) for s in stats],
@@ -269,10 +272,13 @@ class RefinementPage:
                      color="gray", line_dash="dashed", legend_label="exhaustive search")
         f_evals.scatter("iteration", "exhaustive", source=self.sources["speed"], size=6,
                         color="gray")
-        f_evals.line("iteration", "evaluations", source=self.sources["speed"], line_width=2,
-                     color="crimson", legend_label="branch and bound (mean)")
-        f_evals.scatter("iteration", "evaluations", source=self.sources["speed"], size=6,
-                        color="crimson")
+        for key, colour, label in (("evaluations", "crimson", "evaluated (mean)"),
+                                   ("pruned_by_bound", "seagreen", "pruned by the bound"),
+                                   ("pruned_by_cap", "darkorange", "dropped by the cap")):
+            f_evals.line("iteration", key, source=self.sources["speed"], line_width=2,
+                         color=colour, legend_label=label)
+            f_evals.scatter("iteration", key, source=self.sources["speed"], size=6,
+                            color=colour)
         f_post = figure(title="Posterior per particle", height=250, width=340, tools=tools,
                         y_axis_type="log", x_axis_label="iteration",
                         y_axis_label="poses / ° / %", name="posterior_figure")
@@ -286,6 +292,7 @@ class RefinementPage:
         for f in (f_changes, f_evals, f_post):
             f.legend.location = "top_right"
             f.legend.label_text_font_size = "8pt"
+        f_evals.legend.location = "center_right"  # exhaustive above, the search's counts below
 
         grey = LinearColorMapper(palette=Greys256, low=0, high=255)  # density white
         slices = []
