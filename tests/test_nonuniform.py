@@ -85,7 +85,8 @@ def test_non_uniform_refinement_writes_nu_map_and_local_resolution(tmp_path, dem
     summary = run_refine(RefineConfig(store=str(tmp_path / "p.zarr"),
                                       initial_map=str(tmp_path / "initial.mrc"),
                                       out_dir=str(tmp_path / "nu"), max_iterations=2,
-                                      non_uniform=True), log=lambda m: None)
+                                      non_uniform=True, first_level_candidates=256),  # SNR 1
+                         log=lambda m: None)
     assert summary["iterations"] == 2
     local, px = read_map(tmp_path / "nu" / "local_resolution.mrc")
     assert local.min() >= 2 * px - 1e-3 and local.max() <= 30.0 + 1e-3

@@ -228,7 +228,8 @@ def test_refine_to_a_url_resumes_from_it(s3_env, dataset, tmp_path, staging_root
     def config(out, **kw):  # a coarse search: the test is about the outputs, not the poses
         return RefineConfig(store=str(root / "p.zarr"), initial_map=str(root / "initial.mrc"),
                             out_dir=out, **{"max_iterations": 2, "max_level": 4,
-                                               "min_global_iterations": 1, **kw})
+                                               "min_global_iterations": 1,
+                                               "first_level_candidates": 256, **kw})
 
     url = f"s3://{BUCKET}/jobs/refine-resume"
     logs = []
