@@ -187,8 +187,9 @@ def test_live_page_in_a_real_browser_during_a_run(browser_dataset, tmp_path):
     root = browser_dataset
     cmd = [sys.executable, "-m", "dask_refine.ui.cli", "refine", str(root / "p.zarr"),
            "--initial", str(root / "initial.mrc"), "--out", str(tmp_path / "out"),
-           "--max-iterations", "4", "--n-workers", "2", "--dashboard",
-           "--dashboard-address", "127.0.0.1:0"]
+           "--max-iterations", "3", "--n-workers", "2", "--dashboard",
+           "--dashboard-address", "127.0.0.1:0",
+           "--first-level-candidates", "256"]  # SNR 1; the page needs 2 iterations, seen live
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()
