@@ -94,6 +94,19 @@ def prepare(map_path, snr, n_search, n_recon, seed, work: Path):
     return ref, data, truth, {"box": box, "pixel_size_A": px, "fsc": np.asarray(curve).tolist()}
 
 
+def timed_searches(reference_rfft, data, params):
+    """``(search result, s, exhaustive result, s)``: the jobs' search and the exhaustive one on
+    the same particles, each timed (one process)."""
+    from dask_refine.core.pose_search import branch_and_bound, exhaustive_search
+
+    t0 = time.perf_counter()
+    bnb = branch_and_bound(reference_rfft, data, params)
+    t_bnb = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exh = exhaustive_search(reference_rfft, data, params)
+    return bnb, t_bnb, exh, time.perf_counter() - t0
+
+
 def run(args) -> dict:
     from dask_refine.core.pose_search import (SearchParams, branch_and_bound,
                                               exhaustive_search)
@@ -105,21 +118,22 @@ def search_work(result, params, box: int) -> np.ndarray:
     the last level's survivors' true errors where that level's band is not the whole band."""
     from dask_refine.core.pose_search import band_pixels, level_band
 
-    first, last = params.first_level, params.last_level
+    from dask_refine.core.pose_search import search_levels
+
+    levels = search_levels(params)
     m_true = band_pixels(box, 0.0, params.r_align)[0].size
     work = np.zeros(result.pruning.shape[0])
-    for j, lvl in enumerate(range(first, last + 1)):
+    for j, lvl in enumerate(levels):
         band = level_band(params, box, lvl)
         cand, by_bound, by_cap = (result.pruning[:, j, i] for i in range(3))
         work += cand * band_pixels(box, 0.0, band)[0].size + m_true
-        if lvl == last and band < params.r_align:
+        if lvl == levels[-1] and band < params.r_align:
             work += np.maximum(1, cand - by_bound - by_cap) * m_true
     return work
 
 
 def run(args) -> dict:
-    from dask_refine.core.pose_search import (SearchParams, band_pixels, branch_and_bound,
-                                              exhaustive_search)
+    from dask_refine.core.pose_search import SearchParams, band_pixels, search_levels
     from dask_refine.core.rotations import angular_distance_deg
 
     work = Path(args.work)
@@ -132,21 +146,16 @@ def run(args) -> dict:
     params = SearchParams(r_align=args.r_align, particle_radius_px=0.4 * box, first_level=2,
                           last_level=4, max_shift_px=args.max_shift, shift_step_px=1.0,
                           first_level_candidates=args.first_level_candidates)
-    t0 = time.perf_counter()
-    bnb = branch_and_bound(ref, data, params)
-    t_bnb = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exh = exhaustive_search(ref, data, params)
-    t_exh = time.perf_counter() - t0
+    bnb, t_bnb, exh, t_exh = timed_searches(ref, data, params)
     same = bnb.error <= exh.error * (1 + 1e-6)
     uncapped = bnb.pruning[:, :, 2].sum(axis=1) == 0
     ours = search_work(bnb, params, box)
     exh_work = float(exh.n_evaluations[0]) * band_pixels(box, 0.0, params.r_align)[0].size
-    steps = [{"level": params.first_level + j,
+    steps = [{"level": lvl,
               "candidates": float(bnb.pruning[:, j, 0].mean()),
               "pruned_bound": float(bnb.pruning[:, j, 1].mean()),
               "pruned_cap": float(bnb.pruning[:, j, 2].mean())}
-             for j in range(bnb.pruning.shape[1])]
+             for j, lvl in enumerate(search_levels(params))]
     return {
         "snr": args.snr, "particles": args.particles,
         "recall": float(same.mean()),

@@ -127,8 +127,7 @@ def bnb_vs_exhaustive(store, out_dir, summary, px, n_sub=30, level=4):
     from dask_refine.core.backprojection import particle_ctfs
     from dask_refine.core.fourier import centred_rfftn
     from dask_refine.core.noise import noise_weights
-    from dask_refine.core.pose_search import (ParticleData, SearchParams, branch_and_bound,
-                                              exhaustive_search)
+    from dask_refine.core.pose_search import ParticleData, SearchParams
     from dask_refine.core.projection import prepare_reference_rfft
     from dask_refine.core.rotations import angular_distance_deg
     from dask_refine.io.mrc import read_map
@@ -150,12 +149,9 @@ def bnb_vs_exhaustive(store, out_dir, summary, px, n_sub=30, level=4):
                           first_level=2, last_level=level, max_shift_px=0.05 * box,
                           shift_step_px=1.0)
     truth = store.read_column("rotation", group=GROUND_TRUTH)[rows]
-    t0 = time.perf_counter()
-    bnb = branch_and_bound(ref, data, params)
-    t_bnb = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exh = exhaustive_search(ref, data, params)
-    t_exh = time.perf_counter() - t0
+    from pose_search import timed_searches
+
+    bnb, t_bnb, exh, t_exh = timed_searches(ref, data, params)
     return {
         "level": level, "n_particles": int(rows.size),
         "bnb_median_angular_error_deg": float(np.median(angular_distance_deg(bnb.rotation, truth))),

@@ -31,8 +31,11 @@ caps decide: this is then a beam search (docs/benchmarks.md). The first level's 
 the lowest band (3–4 Fourier pixels at 15°) and is the least reliable: at SNR 0.05 the true
 pose's level-2 ancestor ranks up to ~900th of 4,608, and with a first-level cap of 256, 5% of
 the particles of a global iteration end > 20° from a pose that scores better (2,048: none of
-100; docs/benchmarks.md, "first-level cap"). :func:`exhaustive_search` evaluates the true error at every cell of the
-last level and every shift the search can reach: the reference the tests compare against.
+100; docs/benchmarks.md, "First-level cap"). ``SearchResult.pruning`` counts, level by level,
+what the bound pruned and what the caps dropped.
+
+:func:`exhaustive_search` evaluates the true error at every cell of the last level and every
+shift the search can reach: the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -253,6 +256,17 @@ def asymmetric_cells(level: int, symmetry: str = "C1"):
     return d[keep], p[keep], rots[keep]
 
 
+def search_levels(params: SearchParams) -> range:
+    """The grid levels :func:`branch_and_bound` evaluates, first to last (a local search starts
+    at ``local_level``, default the level before the last); ``SearchResult.pruning`` has one
+    row per level of this range."""
+    last = max(params.last_level, params.first_level)
+    first = params.first_level
+    if params.local:
+        first = params.local_level if params.local_level is not None else max(0, last - 1)
+    return range(first, max(last, first) + 1)
+
+
 def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                      prior_rotation=None, prior_origin_px=None, envelope=None,
                      trace: bool = False) -> SearchResult:
@@ -275,12 +289,10 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     box = data.box_size
     n = data.images_rfft.shape[0]
     env = amplitude_envelope(reference_rfft, box) if envelope is None else envelope
-    first = params.first_level
-    last = max(params.last_level, first)
-    if params.local:
-        first = params.local_level if params.local_level is not None else max(0, last - 1)
-        if prior_rotation is None:
-            raise ValueError("local search needs prior rotations")
+    levels_searched = search_levels(params)
+    first, last = levels_searched.start, levels_searched.stop - 1
+    if params.local and prior_rotation is None:
+        raise ValueError("local search needs prior rotations")
     prior_origin_px = np.zeros((n, 2)) if prior_origin_px is None else np.asarray(prior_origin_px,
                                                                                    float)
     step0 = params.shift_step_px * 2 ** (last - first)

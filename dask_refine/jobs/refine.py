@@ -33,7 +33,8 @@ from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_sc
                           shell_mean, sigma2_from_sums)
 from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
 from ..core import so3_grid
-from ..core.pose_search import SearchParams, amplitude_envelope, exhaustive_evaluations
+from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_evaluations,
+                                search_levels)
 from ..core.refine_step import EStepOptions
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import reconstruct
@@ -470,9 +471,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
              "mean_pruned_by_cap": float(pruning[:, 2].sum() / n),
              "pruning_by_level": [dict(level=int(lvl), candidates=int(c), pruned_by_bound=int(pb),
                                        pruned_by_cap=int(pc))
-                                  for lvl, (c, pb, pc) in zip(range(
-                                      params.local_level if params.local else params.first_level,
-                                      params.last_level + 1), pruning.tolist())],
+                                  for lvl, (c, pb, pc) in zip(search_levels(params),
+                                                              pruning.tolist())],
              "arrays": {"error": error, "evaluations": evals,
                         **{f: per_particle[f] for f in ("n_significant", "max_posterior",
                                                         "log_likelihood", "posterior_sd_deg")},

@@ -208,6 +208,15 @@ def header_html(run: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- the page
 
+
+def _series(fig, source, series) -> None:
+    """Lines with points on ``fig``, one per ``(column, colour, legend label, dash)``."""
+    for key, colour, label, dash in series:
+        fig.line("iteration", key, source=source, line_width=2, color=colour, line_dash=dash,
+                 legend_label=label)
+        fig.scatter("iteration", key, source=source, size=6, color=colour)
+
+
 class RefinementPage:
     """The Bokeh models of the page and their update from the scheduler's event log."""
 
@@ -268,27 +277,18 @@ class RefinementPage:
         f_evals = figure(title="Pose evaluations per particle", height=250, width=340,
                          tools=tools, y_axis_type="log", x_axis_label="iteration",
                          y_axis_label="evaluations", name="evaluations_figure")
-        f_evals.line("iteration", "exhaustive", source=self.sources["speed"], line_width=2,
-                     color="gray", line_dash="dashed", legend_label="exhaustive search")
-        f_evals.scatter("iteration", "exhaustive", source=self.sources["speed"], size=6,
-                        color="gray")
-        for key, colour, label in (("evaluations", "crimson", "evaluated (mean)"),
-                                   ("pruned_by_bound", "seagreen", "pruned by the bound"),
-                                   ("pruned_by_cap", "darkorange", "dropped by the cap")):
-            f_evals.line("iteration", key, source=self.sources["speed"], line_width=2,
-                         color=colour, legend_label=label)
-            f_evals.scatter("iteration", key, source=self.sources["speed"], size=6,
-                            color=colour)
+        _series(f_evals, self.sources["speed"], (
+            ("exhaustive", "gray", "exhaustive search", "dashed"),
+            ("evaluations", "crimson", "evaluated (mean)", "solid"),
+            ("pruned_by_bound", "seagreen", "pruned by the bound", "solid"),
+            ("pruned_by_cap", "darkorange", "dropped by the cap", "solid")))
         f_post = figure(title="Posterior per particle", height=250, width=340, tools=tools,
                         y_axis_type="log", x_axis_label="iteration",
                         y_axis_label="poses / ° / %", name="posterior_figure")
-        for key, colour, label in (("significant_poses", "seagreen", "significant poses (median)"),
-                                   ("accuracy_deg", "purple", "angular accuracy (°, median)"),
-                                   ("outlier_pct", "firebrick", "low-likelihood particles (%)")):
-            f_post.line("iteration", key, source=self.sources["posterior"], line_width=2,
-                        color=colour, legend_label=label)
-            f_post.scatter("iteration", key, source=self.sources["posterior"], size=6,
-                           color=colour)
+        _series(f_post, self.sources["posterior"], (
+            ("significant_poses", "seagreen", "significant poses (median)", "solid"),
+            ("accuracy_deg", "purple", "angular accuracy (°, median)", "solid"),
+            ("outlier_pct", "firebrick", "low-likelihood particles (%)", "solid")))
         for f in (f_changes, f_evals, f_post):
             f.legend.location = "top_right"
             f.legend.label_text_font_size = "8pt"
