@@ -112,3 +112,36 @@ def test_marginalised_backprojection_is_the_weighted_sum_of_hard_ones(demo_map):
                                atol=1e-4 * np.abs(expected.data).max())
     np.testing.assert_allclose(sums.weight, expected.weight, rtol=1e-4,
                                atol=1e-4 * expected.weight.max())
+
+
+def test_band_limited_backprojection_inserts_only_the_band(demo_map):
+    """``backprojection_max_shell`` (RELION's current_size) leaves the search, scales and noise
+    model as they are and inserts exactly the Fourier pixels inside the band: the sums equal a
+    hard backprojection at the found poses with that ``r_max``, and differ from the full one."""
+    from dask_refine.core.backprojection import backproject_particles
+
+    images, meta, ref, px = _batch(demo_map)
+    env = amplitude_envelope(ref, 32)
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2)
+    out = {}
+    for r_max in (None, 7.0):
+        sums = FourierSums.zeros(2, 32)
+        step = refine_particles(sums, images, meta, np.zeros(8, int), [ref, ref], [env, env],
+                                noise_weights(np.ones(17), 32), params, px, 8.0,
+                                options=EStepOptions(marginalize=False,
+                                                     backprojection_max_shell=r_max))
+        out[r_max] = (sums, step)
+    (full, r0), (limited, r1) = out[None], out[7.0]
+    np.testing.assert_array_equal(r1.rotation, r0.rotation)
+    np.testing.assert_array_equal(r1.scale_estimate, r0.scale_estimate)
+    np.testing.assert_array_equal(r1.noise_sums, r0.noise_sums)
+    expected = FourierSums.zeros(2, 32)
+    backproject_particles(expected, images, {**meta, "rotation": r1.rotation,
+                                             "shift_A": r1.origin_px * px},
+                          np.zeros(8, int), px, r_max=7.0)
+    np.testing.assert_allclose(limited.data, expected.data, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected.data).max())
+    np.testing.assert_allclose(limited.weight, expected.weight, rtol=1e-5,
+                               atol=1e-5 * expected.weight.max())
+    assert limited.weight.sum() < 0.5 * full.weight.sum()

@@ -42,6 +42,9 @@ class EStepOptions:
     together (False: each particle goes to its most probable class, and is marginalised over
     that class's poses). ``log_class_prior``: ``log π_k`` per class (None: uniform).
     ``max_significant_poses`` caps the poses of one particle (largest weights kept).
+    ``backprojection_max_shell``: insert Fourier components only up to this radius (pixels;
+    None: every one), RELION's ``current_size``: a reference holds no detail finer than the
+    band its particles were aligned in (docs/design-notes.md, "The band grows with the resolution").
     """
 
     n_classes: int = 1
@@ -50,6 +53,7 @@ class EStepOptions:
     significant_fraction: float = 0.999
     max_significant_poses: int = 300
     log_class_prior: tuple | None = None
+    backprojection_max_shell: float | None = None
 
 
 @dataclass
@@ -242,6 +246,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                       * ctf_h[xp.asarray(pid[starts])]).astype(xp.float32)
                 insert_central_slices_rfft((data_runs * sc).astype(xp.complex64), sc * sc * w_runs,
                                            poses.rotation[j][starts], sums.data[2 * k + h],
-                                           sums.weight[2 * k + h])
+                                           sums.weight[2 * k + h],
+                                           r_max=options.backprojection_max_shell)
         out.scale_estimate[sel_host] = scale_from_terms(num, den)
     return out

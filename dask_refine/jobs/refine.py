@@ -62,7 +62,7 @@ RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_l
                "shift_step_px", "first_level", "max_level", "max_global_level",
                "first_level_candidates", "local_search",
                "min_global_iterations", "marginalize", "use_ctf", "pad",
-               "alignment_margin_shells", "symmetry")
+               "alignment_margin_shells", "band_limited_reconstruction", "symmetry")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -86,7 +86,10 @@ class RefineConfig:
     global iterations), search only around the previous poses, over ±3 times the particles'
     current angular accuracy (RELION auto-refine likewise switches to local searches by the
     state of the poses). ``alignment_margin_shells``: Fourier shells beyond the current
-    resolution used for alignment. ``marginalize``: backproject every particle over its
+    resolution used for alignment. ``band_limited_reconstruction``: backproject only inside
+    that band and take the FSC as zero beyond it (RELION's ``current_size``), so the
+    resolution grows by at most the margin per iteration (docs/design-notes.md, "The band grows
+    with the resolution"). ``marginalize``: backproject every particle over its
     significant poses with their posterior weights (RELION's expectation step); False: at its
     best pose only.
 
@@ -128,6 +131,7 @@ class RefineConfig:
     local_search: bool = True
     min_global_iterations: int = 2
     alignment_margin_shells: float = 4.0
+    band_limited_reconstruction: bool = True
     use_ctf: bool = True
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
@@ -279,7 +283,9 @@ def _estep_options(config, state: State) -> EStepOptions:
              else tuple(np.log(np.maximum(state.class_fraction, 1e-3)).tolist()))
     return EStepOptions(n_classes=state.n_classes,
                         soft_classes=config.soft_classes and state.n_classes > 1,
-                        marginalize=config.marginalize, log_class_prior=prior)
+                        marginalize=config.marginalize, log_class_prior=prior,
+                        backprojection_max_shell=(state.r_align if config.band_limited_reconstruction
+                                                  else None))
 
 
 def outlier_fraction(log_likelihood) -> float:
@@ -413,6 +419,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         halves = [reconstruct(sums.data[g], sums.weight[g], box, complete_planes=False)
                   for g in (a, b)]
         curve = fsc(halves[0] * mask, halves[1] * mask)
+        if config.band_limited_reconstruction:  # no data beyond the band: no correlation
+            curve[np.arange(curve.size) >= params.r_align] = 0.0
         resolutions.append(resolution_at_threshold(curve, box, px, 0.143))
         ssnr_half = ssnr_from_fsc(curve)
         refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
