@@ -31,14 +31,13 @@ from oracle import _rotvec_matrix
 
 def main():
     from dask_refine.core.backprojection import FourierSums, backproject_particles, particle_ctfs
-    from dask_refine.core.fourier import centred_rfftn, rfft_radius, translate_rfft
+    from dask_refine.core.fourier import centred_rfftn, rfft_frequencies, translate_rfft
     from dask_refine.core.fsc import fsc, ssnr_from_fsc
     from dask_refine.core.masks import soft_sphere_mask
     from dask_refine.core.noise import noise_weights
     from dask_refine.core.pose_search import ParticleData, pose_error
     from dask_refine.core.projection import extract_central_slices_rfft, prepare_reference_rfft
-    from dask_refine.core.reconstruction import (padded_shell_index, reconstruct,
-                                                 shell_mean_weight)
+    from dask_refine.core.reconstruction import reconstruct, reconstruction_denominator
     from dask_refine.core.rotations import angular_distance_deg
     from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH, ParticleStore
 
@@ -76,16 +75,11 @@ def main():
                                       .astype(np.float32), pad)
 
     refs = [reference(sums.data[g], sums.weight[g]) for g in (0, 1)]
-    # the reconstruction's denominator W + λ (as core.reconstruction.reconstruct builds it)
-    weight = sums.weight[0]
-    n_shells = box // 2 + 1
-    lam = np.append(shell_mean_weight(weight, box) / np.maximum(ssnr[:n_shells], 1e-12), np.inf)
-    shells = np.minimum(padded_shell_index(weight.shape[0], pad), n_shells - 1)
-    shells = np.where(rfft_radius(weight.shape[0], 3) <= (box // 2) * pad, shells, n_shells)
-    denominator = (weight + lam[shells]).astype(np.complex64)
+    # the reconstruction's divisor W + λ at the particle's slice (the first-order share of its
+    # own insertion in the reference is c·r / (W + λ))
+    denominator = reconstruction_denominator(sums.weight[0], box, ssnr).astype(np.complex64)
     w = noise_weights(poses["sigma2"], box)
-    ky, kx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(box, 1 / box)), np.arange(n_shells),
-                         indexing="ij")
+    ky, kx = np.broadcast_arrays(*rfft_frequencies(box, 2))
     band = kx ** 2 + ky ** 2 < r_align ** 2
     err = angular_distance_deg(poses["rotation"], truth["rotation"])
     rng = np.random.default_rng(0)

@@ -63,3 +63,38 @@ def test_user_mask_is_used_and_checked(posed_store, demo_map):
     write_map(posed_store / "px.mrc", np.ones((64,) * 3, np.float32), 2 * px)
     with pytest.raises(InputError, match="voxel size"):
         _run(posed_store, "bad3", mask_path=str(posed_store / "px.mrc"))
+
+
+def test_fsc_report_of_band_limited_halves_finds_no_correlation_beyond_the_band(tmp_path,
+                                                                                 demo_map):
+    """Half maps with no Fourier data beyond shell 6: a soft mask leaks their low-resolution
+    power into the empty shells (a correlation that is not the data's); with ``max_shell`` the
+    report's curves are 0 there and its resolution stays inside the band."""
+    from dask_refine.core.filters import lowpass_filter
+    from dask_refine.core.fourier import centred_irfftn, centred_rfftn, rfft_radius
+    from dask_refine.core.masks import soft_sphere_mask
+    from dask_refine.jobs.masking import write_fsc_report
+
+    volume, px = demo_map
+    box = volume.shape[0]
+    rng = np.random.default_rng(0)
+    signal = lowpass_filter(volume, 4 * px, px)
+    halves = []
+    for _ in range(2):
+        noisy = centred_rfftn((signal + rng.normal(0, 0.3 * signal.std(), signal.shape))
+                              .astype(np.float64), 3)
+        noisy[rfft_radius(box, 3) >= 6] = 0
+        halves.append(centred_irfftn(noisy, 3, box).astype(np.float32))
+    mask = soft_sphere_mask(box, 0.3 * box, soft_edge_px=3.0)
+    for name in ("leaky", "limited"):
+        (tmp_path / name).mkdir()
+    leaky = write_fsc_report(tmp_path / "leaky", halves, mask, px)
+    limited = write_fsc_report(tmp_path / "limited", halves, mask, px, max_shell=6)
+    assert leaky["curves"]["masked"][6:].max() > 0.143  # what the mask leaks
+    for name in ("unmasked", "masked", "randomized_masked", "corrected"):
+        assert np.all(limited["curves"][name][6:] == 0), name
+    np.testing.assert_array_equal(limited["curves"]["corrected"][:6],
+                                  leaky["curves"]["corrected"][:6])
+    assert limited["resolution_A"] >= box * px / 6
+    rows = list(csv.DictReader(open(tmp_path / "limited" / "fsc.csv")))
+    assert all(float(r["fsc"]) == 0 for r in rows[6:])

@@ -69,6 +69,16 @@ def resolution_at_threshold(fsc_curve, box_size: int, pixel_size_A: float,
     return float(2.0 * pixel_size_A)
 
 
+def within_band(fsc_curve, max_shell: float | None) -> np.ndarray:
+    """The curve with shells ``≥ max_shell`` set to 0: where no Fourier data were inserted
+    (a band-limited reconstruction) the half maps hold only what a real-space mask leaks into
+    the empty shells, a correlation that is not the data's. ``None``: unchanged."""
+    curve = np.array(fsc_curve, dtype=np.float64)
+    if max_shell is not None:
+        curve[np.arange(curve.size) >= max_shell] = 0.0
+    return curve
+
+
 def ssnr_from_fsc(fsc_curve, full_map: bool = False) -> np.ndarray:
     """Spectral SNR per shell from a half-map FSC, as RELION ``MlOptimiser::updateSSNRarrays``.
 

@@ -39,6 +39,21 @@ def shell_mean_weight(weight_sum, box_size: int) -> np.ndarray:
     return np.asarray(mean.get() if hasattr(mean, "get") else mean, dtype=np.float64)
 
 
+def reconstruction_denominator(weight_sum, box_size: int, ssnr=None):
+    """``wgt + λ(shell)`` on the padded grid, the divisor of :func:`reconstruct` (``inf`` beyond
+    radius D/2, where the map is zero), from Hermitian-completed weights. ``ssnr`` as there."""
+    xp = array_module(weight_sum)
+    padded = weight_sum.shape[0]
+    pad = padded // box_size
+    n_shells = box_size // 2 + 1
+    ssnr = np.full(n_shells, DEFAULT_SSNR) if ssnr is None else np.asarray(ssnr, np.float64)
+    mean_w = shell_mean_weight(weight_sum, box_size)
+    lam = np.append(mean_w / np.maximum(ssnr[:n_shells], 1e-12), np.inf)  # inf: beyond D/2 → 0
+    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells - 1)
+    shells = xp.where(rfft_radius(padded, 3, xp) <= (box_size // 2) * pad, shells, n_shells)
+    return weight_sum + xp.asarray(lam, dtype=weight_sum.dtype)[shells]
+
+
 def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes: bool = True,
                 mask_outside: bool = True):
     """Real volume ``(D, D, D)`` float32 from padded half-space sums.
@@ -58,13 +73,7 @@ def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes:
     if complete_planes:
         data_sum = symmetrize_hermitian_planes(data_sum)
         weight_sum = symmetrize_hermitian_planes(weight_sum)
-    n_shells = box_size // 2 + 1
-    ssnr = np.full(n_shells, DEFAULT_SSNR) if ssnr is None else np.asarray(ssnr, np.float64)
-    mean_w = shell_mean_weight(weight_sum, box_size)
-    lam = np.append(mean_w / np.maximum(ssnr[:n_shells], 1e-12), np.inf)  # inf: beyond D/2 → 0
-    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells - 1)
-    shells = xp.where(rfft_radius(padded, 3, xp) <= (box_size // 2) * pad, shells, n_shells)
-    denom = weight_sum + xp.asarray(lam, dtype=weight_sum.dtype)[shells]
+    denom = reconstruction_denominator(weight_sum, box_size, ssnr)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = xp.where(denom > 0, data_sum / xp.where(denom > 0, denom, 1), 0)
     volume = crop_centred(centred_irfftn(ratio, 3, padded), box_size, 3)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.filters import lowpass_filter
-from ..core.fsc import mask_corrected_fsc, resolution_at_threshold, shell_resolution_A
+from ..core.fsc import (mask_corrected_fsc, resolution_at_threshold, shell_resolution_A,
+                        within_band)
 from ..core.masks import solvent_mask
 from ..io.errors import InputError
 from ..io.figures import write_fsc_png
@@ -75,14 +76,19 @@ def final_mask(options: MaskOptions, full_map, pixel_size_A: float, out_dir, fal
     return mask
 
 
-def write_fsc_report(out_dir, halves, mask, pixel_size_A: float, title: str = "") -> dict:
+def write_fsc_report(out_dir, halves, mask, pixel_size_A: float, title: str = "",
+                     max_shell: float | None = None) -> dict:
     """``fsc.csv`` and ``fsc.png`` in ``out_dir`` for two half maps. With a mask: unmasked,
     masked, phase-randomised masked and corrected curves; the resolution is the corrected curve's
-    0.143 crossing. Without: the unmasked curve. Returns the curves and resolutions."""
+    0.143 crossing. Without: the unmasked curve. ``max_shell``: the half maps were reconstructed
+    from Fourier data inside this radius only; every curve is 0 beyond it
+    (:func:`..core.fsc.within_band`). Returns the curves and resolutions."""
     out = Path(out_dir)
     box = halves[0].shape[0]
     ones = np.ones_like(halves[0]) if mask is None else mask
     curves = mask_corrected_fsc(halves[0], halves[1], ones)
+    curves.update({k: within_band(curves[k], max_shell)
+                   for k in ("unmasked", "masked", "randomized_masked", "corrected")})
     final = curves["corrected"]
     shells = np.arange(final.size)
     columns = {"shell": shells.tolist(),

@@ -27,7 +27,8 @@ import numpy as np
 from ..core.backprojection import CTF_PARAMETERS, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
-from ..core.fsc import fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc
+from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
+                        within_band)
 from ..core.masks import soft_sphere_mask
 from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_scales,
                           shell_mean, sigma2_from_sums)
@@ -418,9 +419,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
             continue
         halves = [reconstruct(sums.data[g], sums.weight[g], box, complete_planes=False)
                   for g in (a, b)]
-        curve = fsc(halves[0] * mask, halves[1] * mask)
-        if config.band_limited_reconstruction:  # no data beyond the band: no correlation
-            curve[np.arange(curve.size) >= params.r_align] = 0.0
+        curve = within_band(fsc(halves[0] * mask, halves[1] * mask),
+                            params.r_align if config.band_limited_reconstruction else None)
         resolutions.append(resolution_at_threshold(curve, box, px, 0.143))
         ssnr_half = ssnr_from_fsc(curve)
         refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
@@ -593,7 +593,9 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -
     full = read_map(where / "map.mrc")[0]
     mask = final_mask(config.masks, full, px, where,
                       fallback=_particle_mask(config, info.box_size, px))
-    report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC")
+    band = (json.loads((last / "state.json").read_text())["r_align_used"]
+            if config.band_limited_reconstruction else None)  # the last iteration's sums' band
+    report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC", max_shell=band)
     report.update(write_job_figures(where, halves, full, report["curves"]["corrected"],
                                     report["resolution_A"], px, rotation, None, config.symmetry))
     if config.non_uniform:
