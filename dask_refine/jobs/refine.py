@@ -581,10 +581,12 @@ def _progress_event(config, run_id, info, state: State, per_class, stats) -> dic
         rotation=state.rotation, stats=stats)
 
 
-def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -> dict:
+def _write_class_outputs(config, info, last: Path, where: Path, rotation=None,
+                         band: float | None = None) -> dict:
     """Copy one class's final maps from the last iteration folder ``last`` into ``where`` and
-    write its (mask-corrected) FSC report and figures (``rotation``: its particles' poses), plus
-    the NU map when asked; returns the report."""
+    write its (mask-corrected) FSC report and figures (``rotation``: its particles' poses;
+    ``band``: the shell its half maps' data stop at, if band-limited), plus the NU map when
+    asked; returns the report."""
     px = info.pixel_size_A
     for name in ("map.mrc", "half_A.mrc", "half_B.mrc"):
         shutil.copyfile(last / name, where / f".{name}.tmp")
@@ -593,9 +595,8 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None) -
     full = read_map(where / "map.mrc")[0]
     mask = final_mask(config.masks, full, px, where,
                       fallback=_particle_mask(config, info.box_size, px))
-    band = (json.loads((last / "state.json").read_text())["r_align_used"]
-            if config.band_limited_reconstruction else None)  # the last iteration's sums' band
-    report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC", max_shell=band)
+    report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC",
+                              max_shell=band)
     report.update(write_job_figures(where, halves, full, report["curves"]["corrected"],
                                     report["resolution_A"], px, rotation, None, config.symmetry))
     if config.non_uniform:
@@ -611,6 +612,8 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
     out = outputs.local
     last = iteration_dir(out, state.iteration)
     k_total = state.n_classes
+    band = (read_state(out, state.iteration)["r_align_used"]  # the last iteration's sums' band
+            if config.band_limited_reconstruction else None)
     reports = {}
     for k in range(k_total):
         src = last if k_total == 1 else last / f"class_{k + 1:03d}"
@@ -619,7 +622,7 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         dst = out if k_total == 1 else out / f"class_{k + 1:03d}"
         dst.mkdir(exist_ok=True)
         reports[k + 1] = _write_class_outputs(config, info, src, dst, state.rotation if k_total == 1
-                                              else state.rotation[state.class_id == k])
+                                              else state.rotation[state.class_id == k], band)
     report = reports[min(reports, key=lambda k: reports[k]["resolution_A"])]
     rows = []
     for it in completed_iterations(out):
