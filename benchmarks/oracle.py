@@ -25,8 +25,12 @@ def _rotvec_matrix(w):
     return np.eye(3) + np.sin(theta) * kx + (1 - np.cos(theta)) * kx @ kx
 
 
-def true_pose_references(store, pixel_size_A: float, pad: int = 2):
-    """Half maps from the true poses, their FSC, and the sums (for the noise model)."""
+def true_pose_references(store, pixel_size_A: float, pad: int = 2, particles=None):
+    """Half maps from the true poses, their FSC, the full map and the truth columns.
+
+    ``particles``: ``(N,)`` bool, which particles to backproject (default: all), e.g. the
+    non-junk ones of a realistic simulation.
+    """
     from dask_refine.core.backprojection import FourierSums, backproject_particles
     from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH
     from dask_refine.jobs.reconstruct import reconstruct_halves_and_full
@@ -38,8 +42,12 @@ def true_pose_references(store, pixel_size_A: float, pad: int = 2):
     n = store.info.n_particles
     for start in range(0, n, 1000):
         rows = slice(start, min(n, start + 1000))
-        backproject_particles(sums, store.images[rows], {k: v[rows] for k, v in meta.items()},
-                              meta["half_set"][rows], pixel_size_A)
+        use = np.ones(rows.stop - start, bool) if particles is None else particles[rows]
+        if not use.any():
+            continue
+        backproject_particles(sums, np.asarray(store.images[rows])[use],
+                              {k: v[rows][use] for k, v in meta.items()},
+                              meta["half_set"][rows][use], pixel_size_A)
     halves, curve, full = reconstruct_halves_and_full(sums, store.info.box_size, pixel_size_A)
     return halves, curve, full, meta
 

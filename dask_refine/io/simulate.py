@@ -1,15 +1,32 @@
 """Simulate a particle dataset with known ground truth from a 3D map.
 
-Image model (DESIGN §1): ``X = T_{−shift}[ irfft( s · CTF · slice(V, R) ) ] + noise`` where
+Image model (DESIGN §1): ``X = T_{−shift}[ irfft( s · CTF · E · slice(V, R) ) ] + noise`` where
 ``T_{−shift}`` translates by −shift (RELION's origin convention: the particle is centred by
-translating by +shift), slices come from the engine's Fourier-slice projector, and the noise is
-white Gaussian. ``snr`` is the ratio of the mean per-image variance of the noise-free images to
-the noise variance; images are divided by the noise σ, so the noise has unit variance as in
-RELION-normalised particles.
+translating by +shift), slices come from the engine's Fourier-slice projector, ``E`` is an
+optional undeclared envelope and the noise is Gaussian, white by default. ``snr`` is the ratio of
+the mean per-image variance of the noise-free particle images to the noise variance (per pixel);
+images are divided by the noise σ, so the noise has unit variance as in RELION-normalised
+particles.
 
-The truth (rotation, shift_A, scale) is written under ``ground_truth/`` where no job reads it;
-``write_poses=True`` also copies it to the top-level pose columns, as if a previous refinement had
-produced it (for Reconstruction Only from known poses).
+Real-data nuisances, all off by default (with the defaults the images are those of the clean
+model, bit for bit; docs/design-notes.md, "Realistic simulation"):
+
+* ``junk_fraction``: ``round_half_up(junk_fraction · N)`` particles, chosen with the seed, are
+  junk: the first ``n_junk // 2`` of them (in the chosen order) empty ice (noise only), the rest
+  projections of a random blob volume (:func:`junk_volume`) scaled to the mean image variance of
+  the particles; same poses, CTF and noise treatment as particles.
+* ``preferred_view_fraction``: ``round_half_up(fraction · non-junk)`` non-junk particles, chosen
+  with the seed, have their viewing direction (the rotation's third row, ``Aᵀ ẑ``) drawn from a
+  von Mises–Fisher distribution around +z (the top view) with concentration ``κ = 1/σ²``,
+  ``σ = preferred_view_spread_deg`` in radians, and uniform rot and psi.
+* ``noise_color="ice"``: noise filtered in Fourier space to the power spectrum of
+  :func:`noise_power_profile`, normalised to unit variance per pixel.
+* ``envelope_bfactor_A2``: ``E = exp(−B |k|²/4)`` (k in 1/Å) on every image's signal, *not*
+  written into the ``bfactor_A2`` CTF column.
+
+The truth (rotation, shift_A, scale, is_junk, junk_kind) is written under ``ground_truth/``
+where no job reads it; ``write_poses=True`` also copies the poses to the top-level pose columns,
+as if a previous refinement had produced them (for Reconstruction Only from known poses).
 """
 
 from __future__ import annotations
@@ -20,15 +37,31 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..core.ctf import ctf_rfft
-from ..core.fourier import centred_irfftn, translate_rfft
+from ..core.fourier import centred_irfftn, rfft_multiplicity, rfft_radius, translate_rfft
 from ..core.projection import DEFAULT_PAD, extract_central_slices_rfft, prepare_reference_rfft
-from ..core.rotations import random_rotations
+from ..core.rotations import euler_to_matrix, random_rotations
+from .errors import InputError
 from .store import CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
+
+#: Noise power spectra :func:`simulate_noise` can make.
+NOISE_COLORS = ("white", "ice")
+#: ``ground_truth/junk_kind`` values: a particle, empty ice (noise only), a junk blob projection.
+PARTICLE, EMPTY_ICE, JUNK_BLOB = 0, 1, 2
+#: The ice noise spectrum's low-frequency excess: ``σ²(k) ∝ 1 + 4 exp(−(k/k0)²)``, k0 in 1/Å.
+ICE_K0_INV_A = 1.0 / 40.0
+#: Junk blob radii (the 1/e radius of each Gaussian), in Å.
+JUNK_BLOB_RADIUS_A = (10.0, 30.0)
+#: Rows of the pilot that measures the particles' mean image variance (snr, junk blob scale).
+PILOT_ROWS = 200
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """How to simulate particles. Units are in the names; ``snr=inf`` gives noise-free images."""
+    """How to simulate particles. Units are in the names; ``snr=inf`` gives noise-free images.
+
+    The last five fields add real-data nuisances (see the module docstring); all are off by
+    default. Invalid values raise :class:`InputError` naming the field.
+    """
 
     n_particles: int = 2000
     snr: float = 0.1
@@ -46,10 +79,72 @@ class SimulationConfig:
     chunk_size: int = 500
     pad: int = DEFAULT_PAD
     seed: int = 0
+    junk_fraction: float = 0.0
+    preferred_view_fraction: float = 0.0
+    preferred_view_spread_deg: float = 10.0
+    noise_color: str = "white"
+    envelope_bfactor_A2: float = 0.0
+
+    def __post_init__(self):
+        for name in ("junk_fraction", "preferred_view_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise InputError(name, f"must be in [0, 1), not {value}")
+        if not self.preferred_view_spread_deg > 0.0:
+            raise InputError("preferred_view_spread_deg",
+                             f"must be > 0 degrees, not {self.preferred_view_spread_deg}")
+        if not self.envelope_bfactor_A2 >= 0.0:
+            raise InputError("envelope_bfactor_A2",
+                             f"must be ≥ 0 Å², not {self.envelope_bfactor_A2}")
+        if self.noise_color not in NOISE_COLORS:
+            raise InputError("noise_color", f"must be one of {', '.join(NOISE_COLORS)}, not "
+                             f"{self.noise_color!r}")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def junk_kinds(config: SimulationConfig) -> np.ndarray:
+    """Which particles are junk: ``(N,)`` int8 of :data:`PARTICLE`, :data:`EMPTY_ICE`,
+    :data:`JUNK_BLOB`.
+
+    ``round_half_up(junk_fraction · N)`` rows drawn without replacement (seed stream
+    ``[seed, 4]``); the first ``n_junk // 2`` drawn are empty ice, the others blobs.
+    """
+    n = config.n_particles
+    kinds = np.zeros(n, dtype=np.int8)
+    n_junk = _round_half_up(config.junk_fraction * n)
+    if n_junk:
+        rows = np.random.default_rng([config.seed, 4]).choice(n, n_junk, replace=False)
+        kinds[rows[:n_junk // 2]] = EMPTY_ICE
+        kinds[rows[n_junk // 2:]] = JUNK_BLOB
+    return kinds
+
+
+def preferred_view_rotations(n: int, spread_deg: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rotations ``(n, 3, 3)`` whose viewing direction ``Aᵀ ẑ`` (the third row) is drawn
+    from a von Mises–Fisher distribution around +z with ``κ = 1/σ²`` (σ = ``spread_deg`` in
+    radians), with uniform rot (the direction's azimuth) and psi (the in-plane angle).
+
+    The tilt θ (angle from +z) has ``cos θ = 1 + ln(u + (1 − u) e^{−2κ}) / κ``, u ~ U(0, 1]; for a
+    small spread θ is Rayleigh-distributed with scale σ (98.9% of views within 3σ).
+    """
+    kappa = 1.0 / math.radians(spread_deg) ** 2
+    u = 1.0 - rng.random(n)  # (0, 1]
+    cos_tilt = 1.0 + np.log(u + (1.0 - u) * math.exp(-2.0 * kappa)) / kappa
+    tilt = np.rad2deg(np.arccos(np.clip(cos_tilt, -1.0, 1.0)))
+    rot, psi = rng.uniform(0.0, 360.0, (2, n))
+    return euler_to_matrix(rot, tilt, psi)
 
 
 def simulate_metadata(config: SimulationConfig, box_size: int, pixel_size_A: float) -> dict:
-    """Per-particle CTF parameters, half sets and the ground-truth poses/scales (all ``(N, …)``)."""
+    """Per-particle CTF parameters, half sets and the ground-truth poses/scales (all ``(N, …)``).
+
+    Returns ``{"meta", "truth", "junk_kind"}``; ``junk_kind`` ``(N,)`` int8 (see
+    :func:`junk_kinds`). Junk rows keep their uniform (meaningless) truth rotation; preferred
+    views replace the rotation of a share of the other rows (seed stream ``[seed, 5]``).
+    """
     rng = np.random.default_rng([config.seed, 1])
     n = config.n_particles
     defocus = rng.uniform(config.defocus_min_A, config.defocus_max_A, n)
@@ -74,20 +169,126 @@ def simulate_metadata(config: SimulationConfig, box_size: int, pixel_size_A: flo
         "shift_A": shift,
         "scale": rng.uniform(config.scale_min, config.scale_max, n),
     }
-    return {"meta": meta, "truth": truth}
+    kinds = junk_kinds(config)
+    if config.preferred_view_fraction > 0:
+        view_rng = np.random.default_rng([config.seed, 5])
+        candidates = np.flatnonzero(kinds == PARTICLE)
+        n_preferred = _round_half_up(config.preferred_view_fraction * candidates.size)
+        rows = np.sort(view_rng.choice(candidates, n_preferred, replace=False))
+        truth["rotation"][rows] = preferred_view_rotations(
+            n_preferred, config.preferred_view_spread_deg, view_rng)
+    return {"meta": meta, "truth": truth, "junk_kind": kinds}
 
 
-def render_particles(reference_rfft, meta: dict, truth: dict, rows: slice, box_size: int,
-                     pixel_size_A: float, use_ctf: bool = True) -> np.ndarray:
-    """Noise-free images ``(n, D, D)`` float32 for particles ``rows`` (see the module's model)."""
+def junk_volume(box_size: int, pixel_size_A: float, seed: int = 0) -> np.ndarray:
+    """A random smooth volume unrelated to any map: 3–6 Gaussian blobs ``a·exp(−|x − c|²/r²)``
+    with radius r uniform in :data:`JUNK_BLOB_RADIUS_A`, amplitude a in [0.5, 1] and centres
+    uniform in the ball of radius ``0.25 · D · pixel_size_A`` about the box centre (seed stream
+    ``[seed, 6]``). Returns ``(D, D, D)`` float32 (arbitrary scale; the simulator rescales its
+    projections)."""
+    rng = np.random.default_rng([seed, 6])
+    n_blobs = int(rng.integers(3, 7))
+    radius_A = rng.uniform(*JUNK_BLOB_RADIUS_A, n_blobs)
+    amplitude = rng.uniform(0.5, 1.0, n_blobs)
+    direction = rng.standard_normal((n_blobs, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    centre_A = direction * (0.25 * box_size * pixel_size_A * rng.random((n_blobs, 1)) ** (1 / 3))
+    x = (np.arange(box_size) - box_size // 2) * pixel_size_A
+    volume = np.zeros((box_size,) * 3)
+    for a, r, (cz, cy, cx) in zip(amplitude, radius_A, centre_A):
+        gz, gy, gx = (np.exp(-((x - c) / r) ** 2) for c in (cz, cy, cx))  # separable
+        volume += a * gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+    return volume.astype(np.float32)
+
+
+def envelope_rfft(box_size: int, pixel_size_A: float, bfactor_A2: float) -> np.ndarray:
+    """The amplitude envelope ``exp(−B |k|²/4)`` (k in 1/Å) on the centred rfft grid,
+    ``(D, D//2+1)`` float64."""
+    k = rfft_radius(box_size, 2) / (box_size * pixel_size_A)
+    return np.exp(-bfactor_A2 * k * k / 4.0)
+
+
+def noise_power_profile(k_invA, pixel_size_A: float, noise_color: str = "white"):
+    """Relative noise power σ²(k) (unnormalised) at spatial frequencies ``k_invA`` (1/Å, any
+    shape): 1 for ``"white"``; for ``"ice"``
+    ``(1 + 4 exp(−(k/k0)²)) · max(0, 1 − ½ (k/k_nyq)²)``, k0 = :data:`ICE_K0_INV_A`,
+    k_nyq = 1/(2·pixel_size_A). Returns float64 of the shape of ``k_invA``."""
+    k = np.asarray(k_invA, dtype=np.float64)
+    if noise_color == "white":
+        return np.ones_like(k)
+    if noise_color == "ice":
+        k_nyq = 0.5 / pixel_size_A
+        return ((1.0 + 4.0 * np.exp(-(k / ICE_K0_INV_A) ** 2))
+                * np.maximum(0.0, 1.0 - 0.5 * (k / k_nyq) ** 2))
+    raise InputError("noise_color", f"must be one of {', '.join(NOISE_COLORS)}, not "
+                     f"{noise_color!r}")
+
+
+def noise_power_rfft(box_size: int, pixel_size_A: float, noise_color: str = "white") -> np.ndarray:
+    """The noise power spectrum on the centred rfft grid ``(D, D//2+1)`` float64, normalised so
+    that the noise has unit variance per pixel (its mean over the full D×D transform is 1):
+    ``E|rfft(noise)|² = D² · noise_power_rfft``."""
+    power = noise_power_profile(rfft_radius(box_size, 2) / (box_size * pixel_size_A),
+                                pixel_size_A, noise_color)
+    return power * (box_size ** 2 / float((power * rfft_multiplicity(box_size, 2)).sum()))
+
+
+def simulate_noise(rng: np.random.Generator, shape: tuple[int, int, int], pixel_size_A: float,
+                   noise_color: str = "white") -> np.ndarray:
+    """Gaussian noise images ``shape = (n, D, D)`` float32 with unit variance per pixel and the
+    power spectrum :func:`noise_power_rfft`: white noise, filtered in Fourier space by
+    ``√power`` unless ``noise_color`` is ``"white"`` (then ``rng.standard_normal`` as it is)."""
+    white = rng.standard_normal(shape, dtype=np.float32)
+    if noise_color == "white":
+        return white
+    box = shape[-1]
+    # the filter is radial, so it is the same on NumPy's uncentred rfft grid after ifftshift
+    amplitude = np.fft.ifftshift(np.sqrt(noise_power_rfft(box, pixel_size_A, noise_color)),
+                                 axes=0)
+    return np.fft.irfft2(np.fft.rfft2(white) * amplitude, s=shape[-2:]).astype(np.float32)
+
+
+def render_particles(reference_rfft, meta: dict, truth: dict, rows, box_size: int,
+                     pixel_size_A: float, use_ctf: bool = True,
+                     envelope_bfactor_A2: float = 0.0) -> np.ndarray:
+    """Noise-free images ``(n, D, D)`` float32 for particles ``rows`` (a slice or index array;
+    see the module's model). ``envelope_bfactor_A2 > 0`` multiplies the signal by
+    :func:`envelope_rfft`."""
     rot = truth["rotation"][rows]
     slices = extract_central_slices_rfft(reference_rfft, rot, box_size)
     weight = truth["scale"][rows].reshape(-1, 1, 1)
     if use_ctf:
         weight = weight * ctf_rfft(box_size, pixel_size_A,
                                    **{k: meta[k][rows] for k in CTF_COLUMNS})
+    if envelope_bfactor_A2 > 0:
+        weight = weight * envelope_rfft(box_size, pixel_size_A, envelope_bfactor_A2)
     f = translate_rfft(slices * weight.astype(np.float32), -truth["shift_A"][rows] / pixel_size_A)
     return centred_irfftn(f, 2, box_size).astype(np.float32)
+
+
+def _mean_image_variance(reference, meta, truth, rows, box, pixel_size_A, use_ctf,
+                         envelope_bfactor_A2) -> float:
+    """Mean per-image variance of the noise-free images of ``reference`` at rows ``rows``."""
+    images = render_particles(reference, meta, truth, rows, box, pixel_size_A, use_ctf,
+                              envelope_bfactor_A2)
+    return float(images.var(axis=(1, 2)).mean())
+
+
+def render_with_junk(reference, junk_reference, meta: dict, truth: dict, kinds: np.ndarray,
+                     rows: slice, box_size: int, pixel_size_A: float, use_ctf: bool = True,
+                     envelope_bfactor_A2: float = 0.0) -> np.ndarray:
+    """Noise-free images ``(n, D, D)`` float32 of rows ``rows``: particles from ``reference``,
+    empty ice as zeros and junk blobs from ``junk_reference`` (already scaled; may be None when
+    ``kinds`` holds no blob)."""
+    images = render_particles(reference, meta, truth, rows, box_size, pixel_size_A, use_ctf,
+                              envelope_bfactor_A2)
+    block = kinds[rows]
+    images[block == EMPTY_ICE] = 0.0
+    blob = np.flatnonzero(block == JUNK_BLOB)
+    if blob.size:
+        images[blob] = render_particles(junk_reference, meta, truth, rows.start + blob, box_size,
+                                        pixel_size_A, use_ctf, envelope_bfactor_A2)
+    return images
 
 
 def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
@@ -98,25 +299,41 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
 
     ``store_path``: a folder or an fsspec URL (``storage_options`` for the URL, see
     :class:`ParticleStore`). ``progress``: optional callable ``(done, total)`` called after each
-    chunk.
+    chunk. Provenance records the config, the noise σ and (with junk blobs) their scale.
     """
     box = volume.shape[-1]
     sim = simulate_metadata(config, box, pixel_size_A)
-    meta, truth = sim["meta"], sim["truth"]
+    meta, truth, kinds = sim["meta"], sim["truth"], sim["junk_kind"]
     reference = prepare_reference_rfft(np.asarray(volume, dtype=np.float32), config.pad)
     n = config.n_particles
+    envelope = config.envelope_bfactor_A2
+    # the pilot: up to PILOT_ROWS true particles (junk rows left out), for the noise level
+    # (snr) and the junk blobs' scale
+    pilot_rows = np.flatnonzero(kinds == PARTICLE)[:PILOT_ROWS]
+    if pilot_rows.size == 0:  # a tiny store that is all junk: its rows as if particles
+        pilot_rows = np.arange(min(n, PILOT_ROWS))
+    pilot = (reference, meta, truth, pilot_rows, box, pixel_size_A, config.ctf, envelope)
+    has_blobs = bool(np.any(kinds == JUNK_BLOB))
+    particle_variance = (_mean_image_variance(*pilot)
+                         if math.isfinite(config.snr) or has_blobs else None)
     noise_sigma = 1.0
     if math.isfinite(config.snr):
-        pilot = render_particles(reference, meta, truth, slice(0, min(n, 200)), box,
-                                 pixel_size_A, config.ctf)
-        noise_sigma = math.sqrt(float(pilot.var(axis=(1, 2)).mean()) / config.snr)
+        noise_sigma = math.sqrt(particle_variance / config.snr)
+    provenance = {"created_by": "dask_refine.simulate", "source_map": str(source),
+                  "simulation": asdict(config), "noise_sigma": noise_sigma}
+    junk_reference = None
+    if has_blobs:  # blobs with the particles' mean image variance
+        blob_reference = prepare_reference_rfft(junk_volume(box, pixel_size_A, config.seed),
+                                                config.pad)
+        blob_scale = math.sqrt(particle_variance / _mean_image_variance(blob_reference,
+                                                                        *pilot[1:]))
+        junk_reference = blob_reference * np.float32(blob_scale)
+        provenance["junk_blob_scale"] = blob_scale
     store = ParticleStore.create(
         store_path, n, box, pixel_size_A, config.chunk_size,
         optics=[{"optics_group": 1, "voltage_kV": config.voltage_kV, "cs_mm": config.cs_mm,
                  "amplitude_contrast": config.amplitude_contrast}],
-        provenance={"created_by": "dask_refine.simulate", "source_map": str(source),
-                    "simulation": asdict(config), "noise_sigma": noise_sigma},
-        storage_options=storage_options,
+        provenance=provenance, storage_options=storage_options,
     )
     for name, values in meta.items():
         store.write_column(name, values)
@@ -124,14 +341,17 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
         store.write_column(name, values, group=GROUND_TRUTH)
         if write_poses:
             store.write_column(name, values)
+    store.write_column("is_junk", kinds != PARTICLE, group=GROUND_TRUTH)
+    store.write_column("junk_kind", kinds, group=GROUND_TRUTH)
     noise_seeds = np.random.SeedSequence([config.seed, 2]).spawn(math.ceil(n / config.chunk_size))
     for i, start in enumerate(range(0, n, config.chunk_size)):
         rows = slice(start, min(start + config.chunk_size, n))
-        images = render_particles(reference, meta, truth, rows, box, pixel_size_A, config.ctf)
+        images = render_with_junk(reference, junk_reference, meta, truth, kinds, rows, box,
+                                  pixel_size_A, config.ctf, envelope)
         if math.isfinite(config.snr):
             rng = np.random.default_rng(noise_seeds[i])
-            images = (images + noise_sigma * rng.standard_normal(images.shape,
-                                                                 dtype=np.float32)) / noise_sigma
+            noise = simulate_noise(rng, images.shape, pixel_size_A, config.noise_color)
+            images = (images + noise_sigma * noise) / noise_sigma
         store.write_images(start, images)
         if progress is not None:
             progress(rows.stop, n)
@@ -142,7 +362,12 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
                     storage_options: dict | None = None) -> ParticleStore:
     """Re-render particles ``rows`` of a simulated store from another map, with the same truth,
     CTFs and noise level (heterogeneous data: e.g. a second conformation or class). The store's
-    provenance records which rows came from which map. Returns the store."""
+    provenance records which rows came from which map. Returns the store.
+
+    The simulation's nuisances are honoured from the provenance: the envelope and the noise
+    colour apply to the new images, preferred views are in the truth already, and junk rows
+    (``ground_truth/is_junk``) are left as they are: they are images of no map.
+    """
     store = ParticleStore.open(store_path, mode="r+", storage_options=storage_options)
     attrs = store.attrs
     provenance = dict(attrs.get("provenance", {}))
@@ -151,6 +376,17 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
     info = store.info
     sim = provenance.get("simulation", {})
     use_ctf = bool(sim.get("ctf", True))
+    envelope = float(sim.get("envelope_bfactor_A2", 0.0))
+    noise_color = sim.get("noise_color", "white")
+    if noise_color not in NOISE_COLORS:
+        raise InputError(f"{store_path} provenance simulation.noise_color",
+                         f"{noise_color!r} is not one this version can simulate "
+                         f"({', '.join(NOISE_COLORS)})")
+    junk = (store.read_column("is_junk", group=GROUND_TRUTH)
+            if store.has_column("is_junk", group=GROUND_TRUTH) else None)
+    if junk is None and float(sim.get("junk_fraction", 0.0)) > 0:
+        raise InputError(f"{store_path}/{GROUND_TRUTH}/is_junk",
+                         "missing, but the simulation made junk; cannot tell junk rows apart")
     sigma = float(provenance["noise_sigma"])
     meta = store.metadata(list(CTF_COLUMNS))
     truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
@@ -162,9 +398,13 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
     for first in range(start, stop, step):
         block = slice(first, min(first + step, stop))
         images = render_particles(reference, meta, truth, block, info.box_size,
-                                  info.pixel_size_A, use_ctf)
+                                  info.pixel_size_A, use_ctf, envelope)
         if math.isfinite(sim.get("snr", math.inf)):
-            images = (images + sigma * rng.standard_normal(images.shape, dtype=np.float32)) / sigma
+            noise = simulate_noise(rng, images.shape, info.pixel_size_A, noise_color)
+            images = (images + sigma * noise) / sigma
+        if junk is not None and junk[block].any():
+            keep = junk[block]
+            images[keep] = np.asarray(store.images[block])[keep]
         store.write_images(first, images)
     provenance.setdefault("resimulated_rows", []).append([start, stop])
     store.group.attrs["provenance"] = provenance

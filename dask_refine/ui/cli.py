@@ -140,7 +140,7 @@ def _run_job(args, job):
 
 
 def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
-    from ..io.simulate import SimulationConfig
+    from ..io.simulate import NOISE_COLORS, SimulationConfig
 
     d = SimulationConfig()
     p.add_argument("--n-particles", type=int, default=n_default, metavar="N",
@@ -157,24 +157,57 @@ def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="particles per Zarr chunk (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, metavar="N",
                    help="random seed (default: %(default)s)")
+    g = p.add_argument_group("real-data nuisances (all off by default; the truth stays under "
+                             "STORE/ground_truth/)")
+    g.add_argument("--junk-fraction", type=float, default=d.junk_fraction, metavar="F",
+                   help="fraction of the particles that are junk, in [0, 1): half empty ice, "
+                   "half projections of random blobs; recorded as ground_truth/is_junk "
+                   "(default: %(default)s)")
+    g.add_argument("--preferred-view-fraction", type=float, default=d.preferred_view_fraction,
+                   metavar="F", help="fraction of the non-junk particles viewed near the top "
+                   "view (+z), in [0, 1); the others are uniform (default: %(default)s)")
+    g.add_argument("--preferred-view-spread-deg", type=float,
+                   default=d.preferred_view_spread_deg, metavar="DEG",
+                   help="angular spread σ of the preferred views about +z in degrees, > 0 "
+                   "(von Mises-Fisher, κ = 1/σ²) (default: %(default)s)")
+    g.add_argument("--noise-color", choices=NOISE_COLORS, default=d.noise_color,
+                   help="noise power spectrum: white, or ice (more power at low frequency, "
+                   "falling toward Nyquist), unit variance per pixel either way "
+                   "(default: %(default)s)")
+    g.add_argument("--envelope-bfactor-A2", type=float, default=d.envelope_bfactor_A2,
+                   metavar="Å²", help="B-factor in Å² of an amplitude envelope exp(-B|k|²/4) "
+                   "on the signal that the store's CTF bfactor_A2 column does not declare, ≥ 0 "
+                   "(default: %(default)s)")
 
 
 def _simulation_config(args):
+    """The simulation options as a :class:`SimulationConfig`; a bad value is an InputError
+    naming its option."""
+    from dataclasses import fields
+
     from ..io.simulate import SimulationConfig
 
-    return SimulationConfig(n_particles=args.n_particles, snr=args.snr,
-                            defocus_min_A=args.defocus_range_A[0],
-                            defocus_max_A=args.defocus_range_A[1], ctf=not args.no_ctf,
-                            shift_sigma_A=args.shift_sigma_A, chunk_size=args.chunk_size,
-                            seed=args.seed)
+    try:
+        return SimulationConfig(
+            n_particles=args.n_particles, snr=args.snr, defocus_min_A=args.defocus_range_A[0],
+            defocus_max_A=args.defocus_range_A[1], ctf=not args.no_ctf,
+            shift_sigma_A=args.shift_sigma_A, chunk_size=args.chunk_size, seed=args.seed,
+            junk_fraction=args.junk_fraction, preferred_view_fraction=args.preferred_view_fraction,
+            preferred_view_spread_deg=args.preferred_view_spread_deg,
+            noise_color=args.noise_color, envelope_bfactor_A2=args.envelope_bfactor_A2)
+    except InputError as exc:
+        if exc.where not in {f.name for f in fields(SimulationConfig)}:
+            raise
+        raise InputError("--" + exc.where.replace("_", "-"), exc.message) from None
 
 
 def cmd_simulate(args) -> int:
     from ..io.mrc import read_map
     from ..io.simulate import simulate_store
 
+    config = _simulation_config(args)
     volume, pixel = read_map(args.map)
-    store = simulate_store(volume, pixel, args.store, _simulation_config(args),
+    store = simulate_store(volume, pixel, args.store, config,
                            write_poses=args.write_poses, source=args.map,
                            progress=_progress("simulating"))
     info = store.info
@@ -290,6 +323,7 @@ def cmd_demo(args) -> int:
     from ..io.simulate import simulate_store
     from ..jobs.reconstruct import ReconstructConfig, run_reconstruct
 
+    simulation = _simulation_config(args)  # bad options stop before anything is written
     out = Path(args.out)
     if out.exists():
         if not (out / DEMO_MARKER).exists():
@@ -299,7 +333,7 @@ def cmd_demo(args) -> int:
     (out / DEMO_MARKER).write_text("made by dask-refine demo\n")
     volume, pixel = read_map(demo_map_path())
     store_path = out / "particles.zarr"
-    simulate_store(volume, pixel, store_path, _simulation_config(args), write_poses=True,
+    simulate_store(volume, pixel, store_path, simulation, write_poses=True,
                    source="dask_refine/data/1tii_64_2.0.mrc", progress=_progress("simulating"))
     print(f"simulated {args.n_particles} particles of PDB 1TII (box 64, {pixel:g} Å/px, "
           f"SNR {args.snr:g}) into {store_path}", file=sys.stderr)
