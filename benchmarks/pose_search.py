@@ -1,32 +1,35 @@
-"""Pose-search benchmark: is ``branch_and_bound`` a branch and bound? Against exhaustive search.
+"""Pose-search benchmark: is the search a branch and bound? Against exhaustive search.
 
 One question: on noisy particles, does the search return the optimum of the finest grid (what
-``exhaustive_search`` returns), how often did its bound alone decide (no candidate dropped by a
-cap), and with how much less work?
+``exhaustive_search`` returns), does it *know* that it did (no candidate dropped except by its
+bound), and with how much less work? Asked of two searches: the certified branch and bound
+(``core.certified_search``, the reported one) and the capped beam search the refinement jobs
+run (``core.pose_search.branch_and_bound``, for comparison).
 
 Setup (defaults): box 64 from ``../shared/data/7pbl_64_2.4.mrc``; ``--particles`` noisy particles
 (SNR ``--snr``, CTF on, random shifts and scales) to search, and ``--recon-particles`` (2,000)
 other particles of the same simulation reconstructed at their true poses: the reference
 (FSC-Wiener full map) and the noise model (per-shell σ² of those particles' residuals against
 it). Search: levels 2 → 4 of the Hopf grid, 49 shifts (±3 px at 1 px), ``r_align`` 12 Fourier
-pixels, particle radius 0.4·D, true scales, shift prior 0, the jobs' caps
-(``--first-level-candidates``, default 2,048; 256 after). Exhaustive: every level-4 cell ×
-every reachable shift.
+pixels, particle radius 0.4·D, true scales, shift prior 0; the beam's caps
+(``--first-level-candidates``, default 2,048; 256 after); the certified search's failure
+probability ``--epsilon`` (10⁻³ per evaluation). Exhaustive: every level-4 cell × every
+reachable shift.
 
 Reported: ``recall`` (fraction of particles whose error equals the exhaustive optimum within
-1e-6 relative); ``certified_fraction``: the particles whose search no cap cut
-(``SearchResult.pruning``) — the search's bound holds at cell centres with a heuristic grid
-margin (docs/design-notes.md), so this is the most a certificate could claim, not a proof;
-``work_ratio`` (exhaustive Fourier-pixel·pose operations ÷ the search's: every candidate of a
-level counted by the pixels of that level's band, every true error by the alignment band's) and
-``evaluation_ratio`` (the same in pose counts); per level, the mean candidates pruned by the
-bound and dropped by the cap.
+1e-6 relative); ``certified_fraction``: particles whose search no safety valve cut (every
+candidate was evaluated or pruned by its bound); ``work_ratio``: exhaustive Fourier-pixel·pose
+operations ÷ the search's mean (the certified search counts every pixel × candidate it
+touches, its per-particle table products, the beam search that gives its first incumbent and
+its share of the reference-side tables; the beam: ``pose_search.search_pixel_work``);
+``evaluation_ratio`` the same in candidates; per step, the mean candidates pruned by the bound
+and dropped by the cap.
 
     python benchmarks/pose_search.py --particles 10            # quick
     python benchmarks/pose_search.py --json benchmarks/results/pose_search.json
 
-``--json PATH`` writes the six summary keys; the rest goes to ``PATH`` with the suffix
-``.details.json``.
+``--json PATH`` writes the six summary keys (the certified search's); the rest goes to
+``PATH`` with the suffix ``.details.json``.
 """
 
 from __future__ import annotations
@@ -94,46 +97,51 @@ def prepare(map_path, snr, n_search, n_recon, seed, work: Path):
     return ref, data, truth, {"box": box, "pixel_size_A": px, "fsc": np.asarray(curve).tolist()}
 
 
-def timed_searches(reference_rfft, data, params):
-    """``(search result, s, exhaustive result, s)``: the jobs' search and the exhaustive one on
-    the same particles, each timed (one process)."""
+def timed_searches(reference_rfft, data, params, epsilon: float = 1e-3,
+                   which=("beam", "certified", "exhaustive")):
+    """``{name: (result, seconds)}`` for the beam search the jobs run, the certified branch and
+    bound and the exhaustive search on the same particles (one process), those in ``which``."""
+    from dask_refine.core.certified_search import BoundSettings, certified_search
     from dask_refine.core.pose_search import branch_and_bound, exhaustive_search
 
-    t0 = time.perf_counter()
-    bnb = branch_and_bound(reference_rfft, data, params)
-    t_bnb = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exh = exhaustive_search(reference_rfft, data, params)
-    return bnb, t_bnb, exh, time.perf_counter() - t0
+    out = {}
+    for name, fn in (("beam", lambda: branch_and_bound(reference_rfft, data, params)),
+                     ("certified", lambda: certified_search(reference_rfft, data, params,
+                                                            BoundSettings(epsilon=epsilon))),
+                     ("exhaustive", lambda: exhaustive_search(reference_rfft, data, params))):
+        if name not in which:
+            continue
+        t0 = time.perf_counter()
+        out[name] = (fn(), time.perf_counter() - t0)
+    return out
+
+
+def summarise(result, work, exh, exh_work: float, truth) -> dict:
+    """Recall, certified fraction, work and evaluation ratios and errors of one search."""
+    from dask_refine.core.rotations import angular_distance_deg
+
+    same = result.error <= exh.error * (1 + 1e-6)
+    certified = (result.certified if result.certified is not None
+                 else result.pruning[:, :, 2].sum(axis=1) == 0)
+    return {"recall": float(same.mean()), "certified_fraction": float(np.mean(certified)),
+            "work_ratio": float(exh_work / work.mean()),
+            "worst_work_ratio": float(exh_work / work.max()),
+            "evaluation_ratio": float(exh.n_evaluations[0] / result.n_evaluations.mean()),
+            "mean_evaluations": float(result.n_evaluations.mean()),
+            "mean_pixel_evaluations": float(work.mean()),
+            "median_angular_error_deg": float(np.median(angular_distance_deg(
+                result.rotation, truth["rotation"]))),
+            "missed": np.flatnonzero(~same).tolist(),
+            "steps": [{"candidates": float(result.pruning[:, j, 0].mean()),
+                       "pruned_bound": float(result.pruning[:, j, 1].mean()),
+                       "pruned_cap": float(result.pruning[:, j, 2].mean())}
+                      for j in range(result.pruning.shape[1])]}
 
 
 def run(args) -> dict:
-    from dask_refine.core.pose_search import (SearchParams, branch_and_bound,
-                                              exhaustive_search)
-
-
-def search_work(result, params, box: int) -> np.ndarray:
-    """Fourier-pixel·pose operations per particle of a search result: each level's candidates ×
-    its band's pixels, plus one alignment-band error per level (the best-bound candidate's) and
-    the last level's survivors' true errors where that level's band is not the whole band."""
-    from dask_refine.core.pose_search import band_pixels, level_band
-
-    from dask_refine.core.pose_search import search_levels
-
-    levels = search_levels(params)
-    m_true = band_pixels(box, 0.0, params.r_align)[0].size
-    work = np.zeros(result.pruning.shape[0])
-    for j, lvl in enumerate(levels):
-        band = level_band(params, box, lvl)
-        cand, by_bound, by_cap = (result.pruning[:, j, i] for i in range(3))
-        work += cand * band_pixels(box, 0.0, band)[0].size + m_true
-        if lvl == levels[-1] and band < params.r_align:
-            work += np.maximum(1, cand - by_bound - by_cap) * m_true
-    return work
-
-
-def run(args) -> dict:
-    from dask_refine.core.pose_search import SearchParams, band_pixels, search_levels
+    from dask_refine.core.certified_search import BoundSettings, search_steps
+    from dask_refine.core.pose_search import (SearchParams, band_pixels, search_levels,
+                                              search_pixel_work)
     from dask_refine.core.rotations import angular_distance_deg
 
     work = Path(args.work)
@@ -146,33 +154,31 @@ def run(args) -> dict:
     params = SearchParams(r_align=args.r_align, particle_radius_px=0.4 * box, first_level=2,
                           last_level=4, max_shift_px=args.max_shift, shift_step_px=1.0,
                           first_level_candidates=args.first_level_candidates)
-    bnb, t_bnb, exh, t_exh = timed_searches(ref, data, params)
-    same = bnb.error <= exh.error * (1 + 1e-6)
-    uncapped = bnb.pruning[:, :, 2].sum(axis=1) == 0
-    ours = search_work(bnb, params, box)
+    runs = timed_searches(ref, data, params, args.epsilon)
+    exh = runs["exhaustive"][0]
     exh_work = float(exh.n_evaluations[0]) * band_pixels(box, 0.0, params.r_align)[0].size
-    steps = [{"level": lvl,
-              "candidates": float(bnb.pruning[:, j, 0].mean()),
-              "pruned_bound": float(bnb.pruning[:, j, 1].mean()),
-              "pruned_cap": float(bnb.pruning[:, j, 2].mean())}
-             for j, lvl in enumerate(search_levels(params))]
+    beam = summarise(runs["beam"][0], search_pixel_work(runs["beam"][0], params, box), exh,
+                     exh_work, truth)
+    for j, lvl in enumerate(search_levels(params)):
+        beam["steps"][j]["step"] = f"level {lvl}"
+    cert_result = runs["certified"][0]
+    cert = summarise(cert_result, cert_result.pixel_work, exh, exh_work, truth)
+    steps, cascade = search_steps(params, BoundSettings(epsilon=args.epsilon), box)
+    names = [f"level {lvl}, band {b:.2f}" for lvl, bands in steps.items() for b in bands]
+    names += [f"level {params.last_level}, band {b:.2f}" for b in cascade]
+    for row, name in zip(cert["steps"], names):
+        row["step"] = name
     return {
         "snr": args.snr, "particles": args.particles,
-        "recall": float(same.mean()),
-        "certified_fraction": float(uncapped.mean()),
-        "work_ratio": float(exh_work / ours.mean()),
-        "evaluation_ratio": float(exh.n_evaluations[0] / bnb.n_evaluations.mean()),
+        **{k: cert[k] for k in ("recall", "certified_fraction", "work_ratio",
+                                "evaluation_ratio")},
+        "epsilon": args.epsilon,
+        "certified": cert, "beam": beam,
         "exhaustive_evaluations": int(exh.n_evaluations[0]),
         "exhaustive_pixel_evaluations": exh_work,
-        "bnb_mean_evaluations": float(bnb.n_evaluations.mean()),
-        "bnb_mean_pixel_evaluations": float(ours.mean()),
-        "median_angular_error_deg": {
-            "bnb": float(np.median(angular_distance_deg(bnb.rotation, truth["rotation"]))),
-            "exhaustive": float(np.median(angular_distance_deg(exh.rotation,
-                                                               truth["rotation"])))},
-        "missed": np.flatnonzero(~same).tolist(),
-        "steps": steps,
-        "seconds": {"prepare": t_prep, "bnb": t_bnb, "exhaustive": t_exh},
+        "exhaustive_median_angular_error_deg": float(np.median(angular_distance_deg(
+            exh.rotation, truth["rotation"]))),
+        "seconds": {"prepare": t_prep, **{k: v[1] for k, v in runs.items()}},
         "params": dict(params.__dict__),
         "map": str(args.map), "box": box, "recon_particles": args.recon_particles,
     }
@@ -180,27 +186,31 @@ def run(args) -> dict:
 
 def print_table(r: dict) -> None:
     p = r["params"]
-    print(f"SNR {r['snr']:g}, {r['particles']} particles, box {r['box']}, levels 2→4, 49 shifts, "
-          f"r_align {p['r_align']:g}, caps {p['first_level_candidates']} then "
-          f"{p['max_candidates']}")
-    print("| search | evaluations / particle | Fourier-pixel ops / particle | same optimum "
-          "| no cap fired | median ang. err | s / particle |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
     n = r["particles"]
+    print(f"SNR {r['snr']:g}, {n} particles, box {r['box']}, levels 2→4, 49 shifts, "
+          f"r_align {p['r_align']:g}; beam caps {p['first_level_candidates']} then "
+          f"{p['max_candidates']}; certified: ε = {r['epsilon']:g} per evaluation")
+    print("| search | evaluations / particle | Fourier-pixel ops / particle | same optimum "
+          "| certified | work ratio (worst) | median ang. err | s / particle |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| exhaustive | {r['exhaustive_evaluations']:,} | "
-          f"{r['exhaustive_pixel_evaluations']:,.0f} | — | — | "
-          f"{r['median_angular_error_deg']['exhaustive']:.2f}° | "
+          f"{r['exhaustive_pixel_evaluations']:,.0f} | — | — | 1 | "
+          f"{r['exhaustive_median_angular_error_deg']:.2f}° | "
           f"{r['seconds']['exhaustive'] / n:.2f} |")
-    print(f"| branch and bound | {r['bnb_mean_evaluations']:,.0f} | "
-          f"{r['bnb_mean_pixel_evaluations']:,.0f} | {r['recall']:.2f} | "
-          f"{r['certified_fraction']:.2f} | {r['median_angular_error_deg']['bnb']:.2f}° | "
-          f"{r['seconds']['bnb'] / n:.2f} |")
-    print(f"work_ratio {r['work_ratio']:.1f}, evaluation_ratio {r['evaluation_ratio']:.1f}")
-    print("| level | candidates | pruned by bound | dropped by cap |")
-    print("|---:|---:|---:|---:|")
-    for s in r["steps"]:
-        print(f"| {s['level']} | {s['candidates']:,.0f} | {s['pruned_bound']:,.0f} | "
-              f"{s['pruned_cap']:,.0f} |")
+    for name, label in (("certified", "certified branch and bound"),
+                        ("beam", "capped beam (the jobs')")):
+        s = r[name]
+        print(f"| {label} | {s['mean_evaluations']:,.0f} | {s['mean_pixel_evaluations']:,.0f} | "
+              f"{s['recall']:.2f} | {s['certified_fraction']:.2f} | {s['work_ratio']:.1f} "
+              f"({s['worst_work_ratio']:.1f}) | {s['median_angular_error_deg']:.2f}° | "
+              f"{r['seconds'][name] / n:.2f} |")
+    for name in ("certified", "beam"):
+        print(f"\n{name}: mean candidates per step")
+        print("| step | candidates | pruned by bound | dropped by cap |")
+        print("|---|---:|---:|---:|")
+        for s in r[name]["steps"]:
+            print(f"| {s['step']} | {s['candidates']:,.0f} | {s['pruned_bound']:,.0f} | "
+                  f"{s['pruned_cap']:,.0f} |")
 
 
 def main():
@@ -213,6 +223,8 @@ def main():
     p.add_argument("--r-align", type=float, default=12.0)
     p.add_argument("--max-shift", type=float, default=3.0)
     p.add_argument("--first-level-candidates", type=int, default=2048)
+    p.add_argument("--epsilon", type=float, default=1e-3,
+                   help="the certified search's failure probability per evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=str(HERE / "results" / "pose_search"))
     p.add_argument("--json", default=None, help="write the summary to this path")

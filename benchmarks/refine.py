@@ -164,7 +164,8 @@ def bnb_vs_exhaustive(store, out_dir, summary, px, n_sub=30, level=4, particles=
     truth = store.read_column("rotation", group=GROUND_TRUTH)[rows]
     from pose_search import timed_searches
 
-    bnb, t_bnb, exh, t_exh = timed_searches(ref, data, params)
+    runs = timed_searches(ref, data, params, which=("beam", "exhaustive"))
+    (bnb, t_bnb), (exh, t_exh) = runs["beam"], runs["exhaustive"]
     return {
         "level": level, "n_particles": int(rows.size),
         "bnb_median_angular_error_deg": float(np.median(angular_distance_deg(bnb.rotation, truth))),

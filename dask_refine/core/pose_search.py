@@ -101,6 +101,10 @@ class SearchResult:
     trace: list | None = None
     candidates: list | None = None
     pruning: np.ndarray | None = None  # (B, levels, 3): candidates, pruned by bound, by cap
+    # the certified search (:mod:`.certified_search`): no safety valve fired (B,) bool, and
+    # the Fourier-pixel·pose operations it made per particle (B,)
+    certified: np.ndarray | None = None
+    pixel_work: np.ndarray | None = None
 
 
 @dataclass
@@ -429,6 +433,23 @@ def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin,
                 bounds=bound.copy(), true_errors=true_errors, kept=kept, margins=margins.copy(),
                 rotations=rotations[pair_rot], origins_px=pair_origin.copy(), best_true=e_star,
                 best_bound=float(bound[star]), evaluations=int(evals))
+
+
+def search_pixel_work(result: SearchResult, params: SearchParams, box_size: int) -> np.ndarray:
+    """Fourier-pixel·pose operations per particle of a :func:`branch_and_bound` result: each
+    level's candidates × its band's pixels, one alignment-band error per level (the best-bound
+    candidate's) and the last level's survivors' true errors where that level's band is not the
+    whole band. The yardstick: :func:`exhaustive_evaluations` × the alignment band's pixels."""
+    m_true = band_pixels(box_size, 0.0, params.r_align)[0].size
+    work = np.zeros(result.pruning.shape[0])
+    levels = search_levels(params)
+    for j, lvl in enumerate(levels):
+        band = level_band(params, box_size, lvl)
+        cand, by_bound, by_cap = (result.pruning[:, j, i] for i in range(3))
+        work += cand * band_pixels(box_size, 0.0, band)[0].size + m_true
+        if lvl == levels[-1] and band < params.r_align:
+            work += np.maximum(1, cand - by_bound - by_cap) * m_true
+    return work
 
 
 def _first_occurrences(keys):
