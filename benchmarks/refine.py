@@ -63,7 +63,10 @@ def run_ours(store_path, initial, out, n_workers, max_iterations, **options):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("dask_refine.core._numba_kernels"))  # JIT cache warm
         t0 = time.perf_counter()
-        summary = run_refine(RefineConfig(store=str(store_path), initial_map=str(initial),
+        # one map (Homogeneous) or a list of maps, one per class (Heterogeneous Refinement)
+        maps = (tuple(str(m) for m in initial) if isinstance(initial, (list, tuple))
+                else str(initial))
+        summary = run_refine(RefineConfig(store=str(store_path), initial_map=maps,
                                           out_dir=str(out), max_iterations=max_iterations,
                                           **options),
                              client=client, log=print)

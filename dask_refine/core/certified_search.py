@@ -3,10 +3,12 @@ that bound alone, and a flag saying when a particle's result is the grid optimum
 
 The domain is what :func:`.pose_search.exhaustive_search` scans: every rotation cell of
 ``params.last_level`` (the *finest* grid, in the symmetry's asymmetric unit) × every origin
-:func:`.pose_search.reachable_origins` gives. Errors are the search's (docs/design.md, "Pose
-search"): ``E(p) = ‖X_t − S_p‖²_w``, ``S_p = s C Ŷ(R_p)`` the scaled, CTF-modulated slice of the
+:func:`.pose_search.reachable_origins` gives. Errors are the search's (docs/design-notes.md,
+"Pose search"; the derivation and measurements: "Certified branch and bound"):
+``E(p) = ‖X_t − S_p‖²_w``, ``S_p = s C Ŷ(R_p)`` the scaled, CTF-modulated slice of the
 reference, ``X_t`` the image translated by the candidate origin ``t``, ``‖·‖²_w = Σ m_k w_k |·|²``
-over the centred-rfft pixels with ``|k| < r_align`` (``m`` the Hermitian multiplicity, ``w = 1/σ²``).
+over the centred-rfft pixels with ``|k| < r_align`` (``m`` the Hermitian multiplicity,
+``w = 1/σ²``).
 
 **The bound.** A candidate is a pair (cell ``c`` of level ℓ, origin ``t``); its descendants are
 the finest cells ``d ∈ D(c)`` (the children rule makes them partition the finest grid, every
@@ -20,32 +22,43 @@ candidate's projection; everything else is one vector per particle over the fine
 (precomputed tables of the reference's slices). The image is then written as the model the
 error is the likelihood of: ``X_t = A_t + N_t`` with ``A_t`` a scaled, CTF-modulated slice of
 the reference at some grid pose (so ``‖A_t‖²_B ≤ P_B = max_p e_B(p)``) and ``N`` Gaussian noise
-with the estimated σ². Cauchy–Schwarz on the signal part,
-``−2 Re⟨A, Δ_d⟩ ≥ −2 √P_L ‖Δ_d‖`` and ``e_H − 2 Re⟨A, S_d⟩_H ≥ e_H(d) − 2 √(P_H e_H(d))``, and the
-noise part ``−2 Re⟨N_t, G_d⟩`` with ``G_d = (Δ_d on L, S_d on H)`` is Gaussian with standard
-deviation ``2 ‖G_d‖_w``. So, with ``τ = Φ⁻¹(1 − ε)``,
+with the estimated σ². Then, for the pair's descendants:
 
-    LB(c, t) = E_L(c, t) + ‖X_H‖² + min_{d∈D(c)} [e_L(d) − e_L(c) + e_H(d) − 2√(P_H e_H(d))]
-               − 2 √P_L max_d ‖Δ_d‖ − 2 τ max_d ‖G_d‖
+* signal, high band: ``e_H(d) − 2 Re⟨A, S_d⟩_H ≥ e_H(d) − 2 √(P_H e_H(d))`` (Cauchy–Schwarz);
+* signal, low band: split ``Δ_d = β_d u + Δ⊥_d`` along ``u = S_c/‖S_c‖``; the data fix ``A``'s
+  component ``a = Re⟨A, u⟩`` to within ``τ`` of ``a_obs = Re⟨X_t, u⟩`` (the noise in it is
+  standard normal), and ``‖A − a u‖ ≤ √(P_L − a²)``, so
+  ``Re⟨A, Δ_d⟩ ≤ max_{|a − a_obs| ≤ τ} a β_d + √(P_L − a²) ‖Δ⊥_d‖`` (a concave maximum; plain
+  Cauchy–Schwarz ``√P_L ‖Δ_d‖`` when the interval holds its unconstrained argmax);
+* noise: ``−2 Re⟨N_t, G_d⟩`` with ``G_d = (Δ_d on L, S_d on H)`` is Gaussian with standard
+  deviation ``2 ‖G_d‖_w``, so ``≥ −2τ ‖G_d‖_w``.
 
-is below ``E(d, t)`` for a given ``(d, t)`` with probability ≥ 1 − ε **under that model**
-(the noise model the search's likelihood assumes; a reference too weak at high resolution or a
-noise model off by a factor makes it an approximation, as for cryoSPARC's bound, Punjani et al.
-2017, Suppl. Note 2). At the finest level ``Δ = 0``; with ``L = r_align`` the bound is the
-error itself.
+With ``τ = Φ⁻¹(1 − ε)``, ``LB(c, t)`` is ``E_L(c, t) + ‖X_H‖²`` plus the minimum over
+``d ∈ D(c)`` of the sum of these terms and ``e_L(d) − e_L(c)``. For a given ``(d, t)`` it is below
+``E(d, t)`` unless one of three Gaussian events of probability ε happens, **under that model**
+(the noise model the search's likelihood assumes; a reference too weak at high resolution or
+a noise model off by a factor makes it an approximation, as for cryoSPARC's bound, Punjani et
+al. 2017, Suppl. Note 2). At the finest level ``Δ = 0`` (two events); with ``L = r_align`` the
+bound is the error itself.
 
-**What is certified.** The optimum ``p°`` is lost only if the bound fails at ``(ancestor of p°,
-t°)`` at one of the steps of the search (each level's band, then each band of the finest
-level's cascade): at most ``n_steps · ε`` per particle. Nothing else is assumed: no candidate
-is dropped except by its bound (``LB > E* + window``, ``E*`` the best true error found so far,
-first from the capped beam search of :func:`.pose_search.branch_and_bound`), unless the number
-of candidates exceeds ``max_pairs`` — the safety valve — in which case the lowest bounds are
-kept and the particle's ``certified`` flag is False.
+**What is certified.** The probability statements are about a fixed pose; the one that matters
+is the true pose ``p*`` of the model. If the bound holds at ``(ancestor of p*, t*)`` at every
+step of the search (each coarser level's bands, then each band of the finest level's cascade),
+``p*`` is never pruned and the result scores at least as well as the true pose: that fails
+with probability at most ``3 · n_steps · ε`` (a union bound; ``n_steps`` is 5 with the
+defaults, so ≤ 1.5% at ε = 10⁻³). The grid optimum ``p°`` is returned whenever the bound holds
+at its own ancestors; ``p°`` is chosen by the noise, so that is measured rather than proved
+(``benchmarks/pose_search.py``: recall against the exhaustive search). Nothing else is
+assumed: no candidate is dropped except by its bound (``LB > E* + window``, ``E*`` the best true
+error found so far, from the true errors of the finest descendants of each step's lowest
+bounds), unless the candidates exceed
+``max_pairs`` — the safety valve — when the lowest bounds are kept and the particle's
+``certified`` flag is False.
 
 **Work.** The finest level is evaluated band by band (each step adds one ring of pixels to the
 candidates' running cross terms), so a candidate pruned at a low band never touches the high
 one. ``SearchResult.pixel_work`` counts every Fourier pixel × candidate the search touches,
-the per-particle table products (``e_B``, ``‖Δ‖``) and the beam search that gave ``E*``; the
+the per-particle table products (``e_B``, ``⟨S_d, S_c⟩``) and the incumbents' true errors; the
 reference-side tables (the finest grid's slices, shared by a batch) are split over it.
 """
 
@@ -61,8 +74,7 @@ from . import so3_grid
 from .backend import to_numpy
 from .fourier import rfft_frequencies, rfft_multiplicity
 from .pose_search import (ParticleData, SearchParams, SearchResult, _pair_errors, _Particle,
-                          _slices, asymmetric_cells, band_pixels, branch_and_bound, level_band,
-                          reachable_origins, search_pixel_work)
+                          _slices, asymmetric_cells, band_pixels, level_band, reachable_origins)
 
 try:  # the pair kernel; NumPy fallback below
     import numba
@@ -83,11 +95,14 @@ class BoundSettings:
     ``max_pairs``: the safety valve (candidates kept at any step; beyond it the lowest bounds
     are kept and the particle is not certified); ``level_bands``: for each coarser level (first
     to last − 1) a band limit or a tuple of increasing band limits it climbs through (Fourier
-    pixels), default the search's (:func:`.pose_search.level_band`); ``cascade``: the band
-    limits the finest level climbs through before ``r_align``, default from the band of the
-    level before it, × √2 per step. The defaults were chosen on ``7pbl_64_2.4`` (box 64,
-    docs/benchmarks.md): a lower first band at level 3 or 4 prunes too little to pay for
-    itself there."""
+    pixels), default the search's (:func:`.pose_search.level_band`), the level before the
+    finest climbing one more quarter octave (``L · 2^¼``: its survivors have 8 children each, so
+    a second band there costs less than the children's first); ``cascade``: the band limits
+    the finest level climbs through before ``r_align``, default from the last band of the
+    level before it, × √2 per step. Chosen on ``7pbl_64_2.4`` (box 64, SNR 0.05;
+    docs/benchmarks.md, "Certified branch and bound"): the quarter-octave step took the work
+    ratio from 7.9 to 10.8 on 6 particles; a lower first band at level 3 or 4 prunes too little
+    to pay for itself."""
 
     epsilon: float = DEFAULT_EPSILON
     max_pairs: int = 20_000_000
@@ -98,9 +113,10 @@ class BoundSettings:
 class GridTables:
     """The reference's side of the search, shared by a batch: pixels sorted by radius, the
     finest cells and their ancestors, the finest grid's slices ``(n_finest, M)`` complex64 on
-    the band ``|k| < r_align`` (pixels sorted by radius, so a band is a prefix), their powers,
-    each coarser level's cell centres' slices and the per-pixel squared differences between
-    every finest cell's slice and its ancestor's centre (the cell term's ``‖Δ‖``)."""
+    the band ``|k| < r_align`` (pixels sorted by radius, so a band is a prefix), their powers
+    ``(n_finest, M)`` float32, each coarser level's cell centres' slices ``(n_ℓ, M_ℓ)`` and the
+    per-pixel overlaps ``Re(conj(Ŷ_d) Ŷ_c)`` ``(n_finest, M_ℓ)`` float32 of every finest cell's
+    slice with its ancestor's centre (the cell term's ``β_d`` and ``‖Δ_d‖``)."""
 
     def __init__(self, reference_rfft, box_size: int, params: SearchParams,
                  settings: BoundSettings = BoundSettings()):
@@ -255,22 +271,14 @@ def certified_search(reference_rfft, data: ParticleData, params: SearchParams,
     tau = float(ndtri(1.0 - settings.epsilon))
     prior = np.zeros((n, 2)) if prior_origin_px is None else np.asarray(prior_origin_px, float)
     offsets = reachable_origins(params)
-    # the incumbent: the capped beam search (its result is a finest-grid pose)
-    beam = branch_and_bound(reference_rfft, data, params, prior_origin_px=prior)
-    beam_work = search_pixel_work(beam, params, box)
     n_steps = sum(len(level_steps[lvl]) for lvl in range(first, last)) + len(cascade)
     out = SearchResult(np.zeros((n, 3, 3)), np.zeros((n, 2)), np.zeros(n),
                        np.zeros(n, np.int64), candidates=[],
                        pruning=np.zeros((n, n_steps, 3), np.int64), certified=np.ones(n, bool),
-                       pixel_work=beam_work + tables.reference_work / n)
+                       pixel_work=np.full(n, tables.reference_work / n))
     for b in range(n):
-        _search_one(tables, data, b, prior[b] + offsets, float(beam.error[b]), params,
-                    level_steps, cascade, tau, settings.max_pairs, out)
-        if out.candidates[b] is None:  # the valve dropped every pose as good as the beam's
-            out.candidates[b] = (beam.rotation[b:b + 1], beam.origin_px[b:b + 1],
-                                 beam.error[b:b + 1])
-            out.rotation[b], out.origin_px[b], out.error[b] = (beam.rotation[b],
-                                                               beam.origin_px[b], beam.error[b])
+        _search_one(tables, data, b, prior[b] + offsets, params, level_steps, cascade, tau,
+                    settings.max_pairs, out)
     return out
 
 
@@ -278,9 +286,14 @@ def search_steps(params: SearchParams, settings: BoundSettings, box_size: int):
     """``(steps, cascade)``: the band limits each coarser level climbs through (``{level:
     tuple}``) and those of the finest level, ending at ``r_align`` (see :class:`BoundSettings`)."""
     first, last = params.first_level, max(params.last_level, params.first_level)
-    steps = {lvl: tuple(float(b) for b in np.atleast_1d(settings.level_bands[lvl - first]))
-             if settings.level_bands else (level_band(params, box_size, lvl),)
-             for lvl in range(first, last)}
+    if settings.level_bands:
+        steps = {lvl: tuple(float(b) for b in np.atleast_1d(settings.level_bands[lvl - first]))
+                 for lvl in range(first, last)}
+    else:
+        steps = {lvl: (level_band(params, box_size, lvl),) for lvl in range(first, last)}
+        if last > first:
+            band = steps[last - 1][0]
+            steps[last - 1] = (band, min(band * 2 ** 0.25, params.r_align))
     if settings.cascade:
         cascade = [float(b) for b in settings.cascade]
     else:
@@ -292,9 +305,9 @@ def search_steps(params: SearchParams, settings: BoundSettings, box_size: int):
     return steps, [b for b in cascade if b < params.r_align] + [params.r_align]
 
 
-def _search_one(tables: GridTables, data: ParticleData, b: int, origins, e_star: float,
-                params: SearchParams, level_steps: dict, cascade: list, tau: float,
-                max_pairs: int, out: SearchResult) -> None:
+def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params: SearchParams,
+                level_steps: dict, cascade: list, tau: float, max_pairs: int,
+                out: SearchResult) -> None:
     first, last = tables.first, tables.last
     xp_img = to_numpy(data.images_rfft[b]).ravel()[tables.pixels].astype(np.complex128)
     ctf = to_numpy(data.ctf[b]).ravel()[tables.pixels].astype(np.float64)
@@ -322,6 +335,7 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, e_star:
     work = float(tables.n_finest) * m_full
     e_full = energy[m_full]
     window = params.posterior_window
+    e_star, star = np.inf, None  # the incumbent: the best true error seen, and its pair
     n_t = origins.shape[0]
     step = 0
     certified = True
@@ -344,8 +358,10 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, e_star:
             fine_cross = np.zeros(fine.size)
             _pair_cross(tables.finest, shifted, fine, fine_origin, 0, m_full, fine_cross)
             work += float(fine.size) * m_full
-            e_star = min(e_star, float(np.min(norm_x + e_full[fine] - 2.0 * fine_cross))
-                         + margin)
+            fine_err = norm_x + e_full[fine] - 2.0 * fine_cross
+            j = int(np.argmin(fine_err))
+            if fine_err[j] + margin < e_star:
+                e_star, star = float(fine_err[j]) + margin, (fine[j], fine_origin[j])
             keep, certified = _keep(bound, e_star + window, max_pairs, out.pruning[b, step],
                                     certified)
             step += 1
@@ -375,9 +391,8 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, e_star:
     out.n_evaluations[b] = int(out.pruning[b, :, 0].sum())
     out.certified[b] = certified
     out.pixel_work[b] += work
-    if cell.size == 0:
-        out.candidates.append(None)
-        return
+    if cell.size == 0:  # the valve dropped every pose as good as the incumbent: return it
+        cell, origin = np.array([star[0]]), np.array([star[1]])
     # the survivors' true errors, exactly as the exhaustive search computes them
     err = _exact_errors(tables, data, b, cell, origins[origin], params.r_align)
     order = np.argsort(err, kind="stable")
