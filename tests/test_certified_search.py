@@ -8,8 +8,8 @@ import pytest
 
 from dask_refine.core import so3_grid
 from dask_refine.core.certified_search import (BoundSettings, GridTables, _ancestry,
-                                               _cell_bounds, _finest_bounds, _pair_cross,
-                                               certified_search)
+                                               _cell_bounds, _Energies, _finest_bounds,
+                                               _pair_cross, certified_search)
 from dask_refine.core.ctf import ctf_rfft
 from dask_refine.core.fourier import centred_rfftn, rfft_frequencies
 from dask_refine.core.pose_search import (ParticleData, SearchParams, exhaustive_search,
@@ -91,30 +91,16 @@ def test_cell_bound_holds_over_every_descendant_at_the_stated_rate(noise_sd):
         tau = 1.6448536269514722  # Φ⁻¹(0.95)
         origins = reachable_origins(PARAMS)
         for b in range(2):
-            x = data.images_rfft[b].ravel()[tables.pixels]
-            c = data.ctf[b].ravel()[tables.pixels]
-            mw = tables.mult * data.noise_weight.ravel()[tables.pixels]
-            s = float(data.scale[b])
-            q = (s * c) ** 2 * mw
-            kx, ky = tables.kx, tables.ky
-            shifted = x[None] * np.exp(-2j * np.pi * (np.outer(origins[:, 0], kx)
-                                                       + np.outer(origins[:, 1], ky)) / BOX) \
-                * (mw * s * c)[None]
-            norm_cum = np.concatenate([[0.0], np.cumsum(mw * np.abs(x) ** 2)])
+            q, shifted, norm_cum, energy = _particle_terms(tables, data, b, origins)
             m_full = tables.pixels.size
-            energy = {}
-            for lvl in tables.steps:
-                for band in tables.steps[lvl]:
-                    m = tables.n_pixels(band)
-                    energy[m] = tables.finest_power[:, :m].astype(np.float64) @ q[:m]
-            energy[m_full] = tables.finest_power.astype(np.float64) @ q
             # the true error of every finest pose
             n_t = origins.shape[0]
             fine = np.repeat(np.arange(tables.n_finest), n_t)
             org = np.tile(np.arange(n_t), tables.n_finest)
             cross = np.zeros(fine.size)
             _pair_cross(tables.finest, shifted, fine, org, 0, m_full, cross)
-            err = (norm_cum[m_full] + energy[m_full][fine] - 2 * cross).reshape(-1, n_t)
+            e_full = tables.finest_power.astype(np.float64) @ q
+            err = (norm_cum[m_full] + e_full[fine] - 2 * cross).reshape(-1, n_t)
             for lvl, steps in tables.steps.items():
                 n_cells = tables.cells[lvl][0].size
                 best = np.full((n_cells, n_t), np.inf)
@@ -146,10 +132,7 @@ def _particle_terms(tables, data, b, origins):
         * (mw * s * c)[None]
     norm_cum = np.concatenate([[0.0], np.cumsum(mw * np.abs(x) ** 2)])
     bands = [b_ for steps in tables.steps.values() for b_ in steps] + list(tables.cascade)
-    energy = {}
-    for band in bands:
-        m = tables.n_pixels(band) if band < PARAMS.r_align else tables.pixels.size
-        energy[m] = tables.finest_power[:, :m].astype(np.float64) @ q[:m]
+    energy = _Energies(tables, q, {tables.n_pixels(b_) for b_ in bands})
     return q, shifted, norm_cum, energy
 
 
@@ -172,7 +155,7 @@ def test_bound_at_the_true_pose_fails_at_most_at_the_stated_rate():
             d, t = np.array([cells[b]]), np.array([o_index[b]])
             cross = np.zeros(1)
             _pair_cross(tables.finest, shifted, d, t, 0, m_full, cross)
-            true = norm_cum[m_full] + energy[m_full][d] - 2 * cross
+            true = norm_cum[m_full] + energy.exact(d, m_full) - 2 * cross
             trials += 1
             for lvl, steps in tables.steps.items():
                 c = tables.anc[lvl][d]
@@ -187,7 +170,7 @@ def test_bound_at_the_true_pose_fails_at_most_at_the_stated_rate():
                 m = tables.n_pixels(band)
                 cr = np.zeros(1)
                 _pair_cross(tables.finest, shifted, d, t, 0, m, cr)
-                lb = _finest_bounds(energy, m, tau, d, norm_cum[m] + energy[m][d] - 2 * cr,
+                lb = _finest_bounds(energy, m, tau, d, norm_cum[m] + energy.exact(d, m) - 2 * cr,
                                     norm_cum[m], norm_cum[m_full])
                 failures[("finest", band)] = failures.get(("finest", band), 0) + int(
                     lb[0] > true[0])

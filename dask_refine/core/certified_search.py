@@ -83,6 +83,8 @@ except ImportError:  # pragma: no cover
 
 #: candidates of each coarser level whose finest descendants' true errors update the incumbent
 INCUMBENT_PAIRS = 16
+#: width (Fourier pixels) of the rings whose energies are bounded rather than computed
+RING_WIDTH_PX = 0.25
 #: default failure probability of the bound per evaluation (see the module docstring)
 DEFAULT_EPSILON = 1e-3
 
@@ -163,6 +165,18 @@ class GridTables:
             self.members[lvl] = (np.searchsorted(self.anc[lvl][order], np.arange(d.size + 1)),
                                  order)
         self.n_finest = rots.shape[0]
+        # beyond the coarser levels' last band, energies come from half-pixel rings (per
+        # particle an interval: the ring's largest and smallest q, see :class:`_Energies`)
+        self.m_exact = max([self.n_pixels(max(b)) for b in self.steps.values()] or [0])
+        edges = {self.n_pixels(b) for b in np.arange(
+            self.radius[self.m_exact] if self.m_exact < self.pixels.size else params.r_align,
+            params.r_align, RING_WIDTH_PX)} | {self.n_pixels(b) for b in self.cascade} | {
+            self.m_exact, self.pixels.size}
+        self.ring_edges = np.array(sorted(e for e in edges if e >= self.m_exact))
+        self.ring_power = np.stack(
+            [self.finest_power[:, a:b].sum(axis=1) for a, b in
+             zip(self.ring_edges[:-1], self.ring_edges[1:])], axis=1) if self.ring_edges.size > 1 \
+            else np.zeros((self.n_finest, 0), np.float32)
         self.reference_work = float(self.n_finest) * self.pixels.size + sum(
             c.size for c in self.centres.values())
 
@@ -282,6 +296,68 @@ def certified_search(reference_rfft, data: ParticleData, params: SearchParams,
     return out
 
 
+class _Energies:
+    """A particle's slice energies ``e_B(d) = Σ_{k∈B} q_k |Ŷ_{d,k}|²`` over the finest grid:
+    exact for the bands ``|k| < b`` up to the coarser levels' last band (one product per ring
+    of the table), and for the rest of the band an interval per finest cell from the rings'
+    powers and each ring's extreme ``q`` (the CTF oscillates within a ring); exact energies of
+    given cells on demand. ``work`` counts the pixel products made."""
+
+    def __init__(self, tables: GridTables, q, prefixes):
+        self.tables, self.q = tables, q
+        self.low = {}
+        acc = np.zeros(tables.n_finest)
+        prev = 0
+        for m in sorted(set(prefixes) | {tables.m_exact}):
+            if m > tables.m_exact:
+                continue
+            acc = acc + tables.finest_power[:, prev:m] @ q[prev:m].astype(np.float32)
+            self.low[m] = acc.copy()
+            prev = m
+        edges = tables.ring_edges
+        q_hi = np.array([q[a:b].max() for a, b in zip(edges[:-1], edges[1:])])
+        q_lo = np.array([q[a:b].min() for a, b in zip(edges[:-1], edges[1:])])
+        ring_hi = tables.ring_power * q_hi.astype(np.float32)
+        ring_lo = tables.ring_power * q_lo.astype(np.float32)
+        # tail sums: bounds of the energy from ring edge j to the end of the band
+        self.tail_hi = np.cumsum(ring_hi[:, ::-1], axis=1)[:, ::-1]
+        self.tail_lo = np.cumsum(ring_lo[:, ::-1], axis=1)[:, ::-1]
+        self.work = float(tables.n_finest) * (tables.m_exact + 2 * (edges.size - 1))
+
+    def high(self, m: int):
+        """``(lo, hi)`` ``(n_finest,)``: bounds of ``e_{[m, end)}`` for every finest cell."""
+        t = self.tables
+        if m >= t.pixels.size:
+            zero = np.zeros(t.n_finest)
+            return zero, zero
+        if m <= t.m_exact:
+            mid = self.low[t.m_exact] - self.low[m]
+            j = 0
+            if t.ring_edges.size < 2:
+                return mid, mid
+            return mid + self.tail_lo[:, j], mid + self.tail_hi[:, j]
+        j = int(np.searchsorted(t.ring_edges, m))
+        if j >= t.ring_edges.size - 1:
+            zero = np.zeros(t.n_finest)
+            return zero, zero
+        return self.tail_lo[:, j], self.tail_hi[:, j]
+
+    def exact(self, cells, m: int) -> np.ndarray:
+        """Exact ``e_{|k|<band}`` of finest ``cells`` on the first ``m`` pixels."""
+        if m <= self.tables.m_exact and m in self.low:
+            return self.low[m][cells]
+        self.work += float(cells.size) * m
+        return self.tables.finest_power[cells, :m] @ self.q[:m].astype(np.float32)
+
+
+def _high_band_terms(lo, hi, tau: float, extra2=0.0):
+    """The worst, over ``e_H ∈ [lo, hi]``, of ``e_H − 2√(P_H e_H) − 2τ√(extra2 + e_H)``, with
+    ``P_H = max hi`` (the first part is convex with its minimum at ``P_H``)."""
+    p_h = float(hi.max()) if hi.size else 0.0
+    e = np.clip(p_h, lo, hi)
+    return e - 2.0 * np.sqrt(p_h * e) - 2.0 * tau * np.sqrt(extra2 + hi)
+
+
 def search_steps(params: SearchParams, settings: BoundSettings, box_size: int):
     """``(steps, cascade)``: the band limits each coarser level climbs through (``{level:
     tuple}``) and those of the finest level, ending at ``r_align`` (see :class:`BoundSettings`)."""
@@ -322,18 +398,10 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
     m_full = tables.pixels.size
     norm_x = norm_cum[m_full]
     margin = 1e-6 * norm_x  # float32 tables
-    # finest-grid energies at every band boundary the search uses: one product per ring
-    edges = sorted({tables.n_pixels(b_) for steps in level_steps.values() for b_ in steps}
-                   | {tables.n_pixels(c) for c in cascade} | {m_full})
-    energy = {}
-    acc = np.zeros(tables.n_finest)
-    prev = 0
-    for m in edges:
-        acc = acc + tables.finest_power[:, prev:m] @ q[prev:m].astype(np.float32)
-        energy[m] = acc.copy()
-        prev = m
-    work = float(tables.n_finest) * m_full
-    e_full = energy[m_full]
+    prefixes = {tables.n_pixels(b_) for steps in level_steps.values() for b_ in steps} | {
+        tables.n_pixels(c) for c in cascade}
+    energy = _Energies(tables, q, prefixes)
+    work = 0.0
     window = params.posterior_window
     e_star, star = np.inf, None  # the incumbent: the best true error seen, and its pair
     n_t = origins.shape[0]
@@ -353,12 +421,13 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
             if cell.size == 0:
                 break
             # a better incumbent: the true errors of the finest descendants of the lowest bounds
-            top = np.argsort(bound, kind="stable")[:INCUMBENT_PAIRS]
+            top = (np.argpartition(bound, INCUMBENT_PAIRS)[:INCUMBENT_PAIRS]
+                   if bound.size > INCUMBENT_PAIRS else np.arange(bound.size))
             fine, fine_origin = _descendant_pairs(tables, lvl, cell[top], origin[top])
             fine_cross = np.zeros(fine.size)
             _pair_cross(tables.finest, shifted, fine, fine_origin, 0, m_full, fine_cross)
             work += float(fine.size) * m_full
-            fine_err = norm_x + e_full[fine] - 2.0 * fine_cross
+            fine_err = norm_x + energy.exact(fine, m_full) - 2.0 * fine_cross
             j = int(np.argmin(fine_err))
             if fine_err[j] + margin < e_star:
                 e_star, star = float(fine_err[j]) + margin, (fine[j], fine_origin[j])
@@ -376,8 +445,7 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
         m = tables.n_pixels(band) if band < params.r_align else m_full
         _pair_cross(slices, shifted, cell, origin, m_prev, m, cross)
         work += float(cell.size) * (m - m_prev)
-        e_l = energy[m][cell]
-        err_l = norm_cum[m] + e_l - 2.0 * cross
+        err_l = norm_cum[m] + energy.exact(cell, m) - 2.0 * cross
         bound = _finest_bounds(energy, m, tau, cell, err_l, norm_cum[m], norm_x)
         if m < m_full:
             bound -= margin
@@ -390,7 +458,7 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
         m_prev = m
     out.n_evaluations[b] = int(out.pruning[b, :, 0].sum())
     out.certified[b] = certified
-    out.pixel_work[b] += work
+    out.pixel_work[b] += work + energy.work
     if cell.size == 0:  # the valve dropped every pose as good as the incumbent: return it
         cell, origin = np.array([star[0]]), np.array([star[1]])
     # the survivors' true errors, exactly as the exhaustive search computes them
@@ -404,15 +472,14 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
     out.pixel_work[b] += float(cell.size) * m_full
 
 
-def _cell_bounds(tables: GridTables, level: int, m: int, q, energy: dict, tau: float, cell,
+def _cell_bounds(tables: GridTables, level: int, m: int, q, energy: "_Energies", tau: float, cell,
                  cross, norm_low: float, norm_x: float) -> np.ndarray:
     """``LB(c, t)`` of the module docstring for pairs (``cell`` of ``level``, origin) whose cross
     terms ``Re⟨X_t, S_c⟩`` on the band's ``m`` pixels are ``cross``; ``norm_low`` = ``‖X‖²`` on
     the band, ``norm_x`` on the whole band."""
-    e_full = energy[tables.pixels.size]
-    e_l = energy[m]
-    e_h = np.maximum(e_full - e_l, 0.0)
-    p_l, p_h = float(e_l.max()), float(e_h.max())
+    e_l = energy.low[m]
+    lo, hi = energy.high(m)
+    p_l = float(e_l.max())
     anc = tables.anc[level]
     centre = tables.centres[level][:, :m]
     e_c = (centre.real ** 2 + centre.imag ** 2) @ q[:m]
@@ -423,24 +490,22 @@ def _cell_bounds(tables: GridTables, level: int, m: int, q, energy: dict, tau: f
     beta = (overlap - e_c[anc]) / norm_c[anc]
     delta2 = np.maximum(e_l + e_c[anc] - 2.0 * overlap, 0.0)
     gamma = np.sqrt(np.maximum(delta2 - beta * beta, 0.0))
-    base = (e_l - e_c[anc] + e_h - 2.0 * np.sqrt(p_h * e_h) - 2.0 * tau * np.sqrt(delta2 + e_h))
+    base = e_l - e_c[anc] + _high_band_terms(lo, hi, tau, delta2)
     start, members = tables.members[level]
     worst = np.empty(cell.size)
     _cell_terms(cell, cross / norm_c[cell], start, members, base, beta, gamma, p_l, tau, worst)
     return norm_low + e_c[cell] - 2.0 * cross + (norm_x - norm_low) + worst
 
 
-def _finest_bounds(energy: dict, m: int, tau: float, cell, err_low, norm_low: float,
+def _finest_bounds(energy: "_Energies", m: int, tau: float, cell, err_low, norm_low: float,
                    norm_x: float) -> np.ndarray:
     """``LB(d, t)`` at the finest level (``Δ = 0``): the pairs' exact errors ``err_low`` on the
-    band's ``m`` pixels plus the bound of the rest, ``‖X_H‖² + e_H − 2√(P_H e_H) − 2τ√e_H``."""
-    m_full = max(energy)
-    if m >= m_full:
+    band's ``m`` pixels plus the bound of the rest, ``‖X_H‖² + e_H − 2√(P_H e_H) − 2τ√e_H``
+    (``e_H`` within its interval)."""
+    if m >= energy.tables.pixels.size:
         return err_low
-    e_h = np.maximum(energy[m_full] - energy[m], 0.0)
-    p_h = float(e_h.max())
-    term = e_h - 2.0 * np.sqrt(p_h * e_h) - 2.0 * tau * np.sqrt(e_h)
-    return err_low + (norm_x - norm_low) + term[cell]
+    lo, hi = energy.high(m)
+    return err_low + (norm_x - norm_low) + _high_band_terms(lo, hi, tau)[cell]
 
 
 def _keep(bound, threshold: float, max_pairs: int, row, certified: bool):
