@@ -19,6 +19,8 @@ from dask_refine.core.projection import extract_central_slices_rfft, prepare_ref
 BOX = 16
 PARAMS = SearchParams(r_align=6.0, particle_radius_px=0.4 * BOX, first_level=1, last_level=3,
                       max_shift_px=1.0, shift_step_px=1.0)
+#: every coarser level evaluated (level 1: 64 descendants a cell), two bands at level 2
+ALL_LEVELS = dict(level_bands=((3.0,), (3.0, 4.0)))
 
 
 def _blob_map(rng) -> np.ndarray:
@@ -86,7 +88,7 @@ def test_cell_bound_holds_over_every_descendant_at_the_stated_rate(noise_sd):
     for _ in range(2):
         reference = prepare_reference_rfft(_blob_map(rng))
         data, _, _ = _model_particles(rng, reference, 2, noise_sd)
-        settings = BoundSettings(epsilon=0.05)
+        settings = BoundSettings(epsilon=0.05, **ALL_LEVELS)
         tables = GridTables(reference, BOX, PARAMS, settings)
         tau = 1.6448536269514722  # Φ⁻¹(0.95)
         origins = reachable_origins(PARAMS)
@@ -141,7 +143,7 @@ def test_bound_at_the_true_pose_fails_at_most_at_the_stated_rate():
     ε = 0.05, the bound exceeds the true pose's error at most at the rate its Gaussian events
     allow (2 at the finest level, 3 at a coarser one), at every level and band."""
     rng = np.random.default_rng(5)
-    settings = BoundSettings(epsilon=0.05)
+    settings = BoundSettings(epsilon=0.05, **ALL_LEVELS)
     tau = 1.6448536269514722  # Φ⁻¹(0.95)
     failures, trials = {}, 0
     for _ in range(3):
@@ -188,10 +190,12 @@ def test_returns_the_exhaustive_optimum_and_says_when_the_valve_fired():
     reference = prepare_reference_rfft(_blob_map(rng))
     for noise_sd in (0.05, 0.15):
         data, _, _ = _model_particles(rng, reference, 4, noise_sd)
-        result = certified_search(reference, data, PARAMS)
         exhaustive = exhaustive_search(reference, data, PARAMS)
+        every = certified_search(reference, data, PARAMS, BoundSettings(**ALL_LEVELS))
+        np.testing.assert_allclose(every.error, exhaustive.error, rtol=1e-9)
+        result = certified_search(reference, data, PARAMS)  # the defaults: level 1 expanded
         np.testing.assert_allclose(result.error, exhaustive.error, rtol=1e-9)
-        assert result.certified.all()
+        assert result.certified.all() and every.certified.all()
         assert (result.pruning[:, :, 2] == 0).all()
         assert (result.pruning[:, :, 1] > 0).any()  # the bound pruned
         # the best candidate is the result, and within the window of itself

@@ -97,14 +97,19 @@ class BoundSettings:
     ``max_pairs``: the safety valve (candidates kept at any step; beyond it the lowest bounds
     are kept and the particle is not certified); ``level_bands``: for each coarser level (first
     to last − 1) a band limit or a tuple of increasing band limits it climbs through (Fourier
-    pixels), default the search's (:func:`.pose_search.level_band`), the level before the
-    finest climbing one more quarter octave (``L · 2^¼``: its survivors have 8 children each, so
-    a second band there costs less than the children's first); ``cascade``: the band limits
-    the finest level climbs through before ``r_align``, default from the last band of the
-    level before it, × √2 per step. Chosen on ``7pbl_64_2.4`` (box 64, SNR 0.05;
-    docs/benchmarks.md, "Certified branch and bound"): the quarter-octave step took the work
-    ratio from 7.9 to 10.8 on 6 particles; a lower first band at level 3 or 4 prunes too little
-    to pay for itself."""
+    pixels; an empty tuple expands the level without evaluating it); ``cascade``: the band
+    limits the finest level climbs through before ``r_align``, default from the last band of the
+    level before it, × √2 per step.
+
+    Default: only the level before the finest is evaluated (coarser cells are too large for
+    the bound to prune: level 2 pruned 0.02–0.1% of its pairs at box 64), climbing quarter
+    octaves from the search's band (:func:`.pose_search.level_band`) ÷ √2 to × √2: its
+    survivors have 8 children each, so another band there costs less than the children's
+    first, and each band is only the ring it adds (the cross terms and the table products
+    accumulate). Chosen on the first 16 particles of ``benchmarks/pose_search.py`` (7pbl, box
+    64, SNR 0.05; docs/benchmarks.md, "Certified branch and bound"): work ratio 9.4 with
+    (6.1, 7.2), 10.4 with (6.1, 7.2, 8.6), 11.1 with (4.3 … 8.6).
+    """
 
     epsilon: float = DEFAULT_EPSILON
     max_pairs: int = 20_000_000
@@ -153,6 +158,8 @@ class GridTables:
         self.finest_power = (self.finest.real ** 2 + self.finest.imag ** 2).astype(np.float32)
         self.centres, self.overlap, self.members = {}, {}, {}
         for lvl in range(self.first, self.last):
+            if not self.steps[lvl]:  # a level expanded without evaluation
+                continue
             m = self.n_pixels(max(self.steps[lvl]))
             d, p = self.cells[lvl]
             centre = _slices(reference, box_size, so3_grid.cell_rotations(lvl, d, p),
@@ -167,7 +174,7 @@ class GridTables:
         self.n_finest = rots.shape[0]
         # beyond the coarser levels' last band, energies come from half-pixel rings (per
         # particle an interval: the ring's largest and smallest q, see :class:`_Energies`)
-        self.m_exact = max([self.n_pixels(max(b)) for b in self.steps.values()] or [0])
+        self.m_exact = max([self.n_pixels(max(b)) for b in self.steps.values() if b] or [0])
         edges = {self.n_pixels(b) for b in np.arange(
             self.radius[self.m_exact] if self.m_exact < self.pixels.size else params.r_align,
             params.r_align, RING_WIDTH_PX)} | {self.n_pixels(b) for b in self.cascade} | {
@@ -305,7 +312,7 @@ class _Energies:
 
     def __init__(self, tables: GridTables, q, prefixes):
         self.tables, self.q = tables, q
-        self.low = {}
+        self.low, self._overlap = {}, {}
         acc = np.zeros(tables.n_finest)
         prev = 0
         for m in sorted(set(prefixes) | {tables.m_exact}):
@@ -342,6 +349,16 @@ class _Energies:
             return zero, zero
         return self.tail_lo[:, j], self.tail_hi[:, j]
 
+    def overlap(self, level: int, m: int) -> np.ndarray:
+        """``⟨S_d, S_c⟩`` on the first ``m`` pixels for every finest cell and its ancestor's
+        centre at ``level``, accumulated ring by ring over the level's bands."""
+        prev, acc = self._overlap.get(level, (0, np.zeros(self.tables.n_finest)))
+        if m > prev:
+            acc = acc + self.tables.overlap[level][:, prev:m] @ self.q[prev:m].astype(np.float32)
+            self.work += float(self.tables.n_finest) * (m - prev)
+            self._overlap[level] = (m, acc)
+        return acc
+
     def exact(self, cells, m: int) -> np.ndarray:
         """Exact ``e_{|k|<band}`` of finest ``cells`` on the first ``m`` pixels."""
         if m <= self.tables.m_exact and m in self.low:
@@ -366,14 +383,18 @@ def search_steps(params: SearchParams, settings: BoundSettings, box_size: int):
         steps = {lvl: tuple(float(b) for b in np.atleast_1d(settings.level_bands[lvl - first]))
                  for lvl in range(first, last)}
     else:
-        steps = {lvl: (level_band(params, box_size, lvl),) for lvl in range(first, last)}
+        # levels above the one before the finest are expanded without evaluation (their cells
+        # are too large for the bound to prune: level 2 pruned 0.02–0.1% of its pairs at box 64)
+        steps = {lvl: () for lvl in range(first, last - 1)}
         if last > first:
-            band = steps[last - 1][0]
-            steps[last - 1] = (band, min(band * 2 ** 0.25, params.r_align))
+            band = level_band(params, box_size, last - 1)
+            steps[last - 1] = tuple(sorted({min(band * 2 ** (j / 4), params.r_align)
+                                            for j in range(-2, 3)}))
     if settings.cascade:
         cascade = [float(b) for b in settings.cascade]
     else:
-        band = max(steps[last - 1]) if last > first else level_band(params, box_size, last)
+        band = (max(steps[last - 1]) if last > first and steps[last - 1]
+                else level_band(params, box_size, last))
         cascade = []
         while band < params.r_align:
             cascade.append(band)
@@ -415,7 +436,7 @@ def _search_one(tables: GridTables, data: ParticleData, b: int, origins, params:
         for band in level_steps[lvl]:
             m = tables.n_pixels(band)
             _pair_cross(tables.centres[lvl], shifted, cell, origin, m_prev, m, cross)
-            work += float(cell.size) * (m - m_prev) + float(tables.n_finest) * m
+            work += float(cell.size) * (m - m_prev)
             bound = _cell_bounds(tables, lvl, m, q, energy, tau, cell, cross, norm_cum[m],
                                  norm_x) - margin
             if cell.size == 0:
@@ -486,7 +507,7 @@ def _cell_bounds(tables: GridTables, level: int, m: int, q, energy: "_Energies",
     norm_c = np.sqrt(np.maximum(e_c, 1e-300))
     # per descendant d of its cell c: Δ_d = S_d − S_c split along u = S_c/‖S_c‖
     # (β_d = ⟨Δ_d, u⟩) and across it (γ_d = ‖Δ_d − β_d u‖)
-    overlap = tables.overlap[level][:, :m] @ q[:m].astype(np.float32)
+    overlap = energy.overlap(level, m)
     beta = (overlap - e_c[anc]) / norm_c[anc]
     delta2 = np.maximum(e_l + e_c[anc] - 2.0 * overlap, 0.0)
     gamma = np.sqrt(np.maximum(delta2 - beta * beta, 0.0))
