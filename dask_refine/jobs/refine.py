@@ -30,8 +30,8 @@ from ..core.fourier import centred_rfftn
 from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
                         within_band)
 from ..core.masks import soft_sphere_mask
-from ..core.noise import (initial_noise_and_scale, noise_weights, renormalise_scales,
-                          shell_mean, sigma2_from_sums)
+from ..core.noise import (background_noise_power, initial_noise_and_scale, noise_weights,
+                          renormalise_scales, shell_mean, sigma2_from_sums)
 from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
 from ..core import so3_grid
 from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_evaluations,
@@ -229,6 +229,8 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(int))
     images = np.asarray(store.images.get_orthogonal_selection((rows, slice(None), slice(None))))
     power = shell_mean((np.abs(centred_rfftn(images, 2)) ** 2).mean(axis=0), box, 2)
+    # the first noise model from the images' background (coloured noise is not signal)
+    noise_power = background_noise_power(images, radius_px, soft_edge_px=max(3.0, 0.05 * box))
     ctf2 = (particle_ctfs({k: v[rows] for k, v in meta.items() if k in CTF_PARAMETERS}, box, px)
             ** 2).mean(axis=0) if config.use_ctf else np.ones((box, box // 2 + 1))
     lowpass_shell = box * px / config.initial_lowpass_A
@@ -237,7 +239,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
         initial = lowpass_filter(volume, config.initial_lowpass_A, px) * mask.astype(np.float32)
         ref_power = shell_mean(np.abs(centred_rfftn(initial.astype(np.float64), 3)) ** 2, box, 3)
         g, sigma2 = initial_noise_and_scale(power, shell_mean(ctf2, box, 2), ref_power,
-                                            lowpass_shell)
+                                            lowpass_shell, noise_power)
         reference = (initial * g).astype(np.float32)
         references += [reference, reference.copy()]
         noise.append(sigma2)
