@@ -53,9 +53,11 @@ def true_pose_references(store, pixel_size_A: float, pad: int = 2, particles=Non
 
 
 def oracle_pose_errors(store, pixel_size_A: float, n_sample: int = 200, margin_shells=4.0,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, particles=None) -> dict:
     """Per-particle angle (°) between the truth and the continuous minimum of the error against
-    the other half's true-pose reference (see the module docstring); also the band used."""
+    the other half's true-pose reference (see the module docstring); also the band used.
+    ``particles``: ``(N,)`` bool, the true particles (the references are built from them and
+    the sample drawn among them; default all)."""
     from scipy.optimize import minimize
 
     from dask_refine.core.backprojection import particle_ctfs
@@ -67,13 +69,14 @@ def oracle_pose_errors(store, pixel_size_A: float, n_sample: int = 200, margin_s
     from dask_refine.core.rotations import angular_distance_deg
 
     box = store.info.box_size
-    halves, curve, _, meta = true_pose_references(store, pixel_size_A)
+    halves, curve, _, meta = true_pose_references(store, pixel_size_A, particles=particles)
     res = resolution_at_threshold(curve, box, pixel_size_A, 0.143)
     r_align = float(min(box / 2 - 1, box * pixel_size_A / res + margin_shells))
     refs = [prepare_reference_rfft(h) for h in halves]
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(store.info.n_particles, min(n_sample, store.info.n_particles),
-                              replace=False))
+    pool = (np.arange(store.info.n_particles) if particles is None
+            else np.flatnonzero(particles))
+    rows = np.sort(rng.choice(pool, min(n_sample, pool.size), replace=False))
     images = np.asarray(store.images.get_orthogonal_selection((rows, slice(None), slice(None))))
     sub = {k: v[rows] for k, v in meta.items()}
     x = centred_rfftn(images, 2)

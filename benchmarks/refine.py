@@ -250,10 +250,10 @@ def main():
             "gold_standard_A": resolution_at_threshold(curve, box, px, 0.143),
             "fsc_truth_05_A": fsc_truth(work / "known_pose_map.mrc", truth, px),
             "n_particles": int(keep.sum())}
-    if args.low_snr:
+    if args.low_snr or args.realistic:
         from oracle import oracle_pose_errors
 
-        oracle = oracle_pose_errors(store, px, args.oracle_sample)
+        oracle = oracle_pose_errors(store, px, args.oracle_sample, particles=keep)
         rows["oracle"] = {"median_angular_error_deg": float(np.median(oracle["error_deg"])),
                           "p90_angular_error_deg": float(np.percentile(oracle["error_deg"], 90)),
                           "n_sample": int(oracle["rows"].size), "r_align": oracle["r_align"]}

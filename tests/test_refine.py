@@ -125,3 +125,25 @@ def test_bad_initial_map_is_refused(small_dataset, tmp_path, demo_map):
                         str(root / "p.zarr"), "--initial", str(tmp_path / "big.mrc"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "box 64" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stays_global_while_particles_still_jump_far():
+    """The switch to local searches (``_search_params``): with the median pose change below the
+    sampling it was measured at, a search is local only when at most ``max_far_jump_fraction``
+    of the particles moved farther than a local search reaches (``far_jump_reach_deg``)."""
+    from dask_refine.jobs.refine import State, _search_params, far_jump_reach_deg
+
+    config = RefineConfig(store="s", initial_map="m.mrc", out_dir="o")
+    n = 10
+
+    def state(far):
+        return State(3, [], np.ones(33), np.ones(n), np.tile(np.eye(3), (n, 1, 1)),
+                     np.zeros((n, 2)), 20.0, 8.0, 8.0, 0, level=5, pose_change_deg=3.2,
+                     pose_change_sampling_deg=3.75, angular_accuracy_deg=2.0,
+                     far_jump_fraction=far)
+
+    assert not _search_params(config, state(0.27), 64, 25.0, 6.0).local
+    assert _search_params(config, state(0.01), 64, 25.0, 6.0).local
+    # at the switch the reach covers the local range, and at least 1.5 cells of the grid
+    assert far_jump_reach_deg(2.0, 5) == pytest.approx(6.0)
+    assert far_jump_reach_deg(0.5, 5) == pytest.approx(1.5 * 1.875)
