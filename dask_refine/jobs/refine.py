@@ -84,8 +84,9 @@ class RefineConfig:
     the search (None: 80% of the box). ``max_shift_A``: half-extent of the shift search
     (None: 10% of the box). ``local_search``: once the median pose change of an iteration
     has fallen below its angular sampling (and after at least ``min_global_iterations``
-    global iterations), search only around the previous poses, over ±3 times the particles'
-    current angular accuracy (RELION auto-refine likewise switches to local searches by the
+    global iterations, with at most ``max_far_jump_fraction`` of the particles still jumping
+    decisively beyond a local search's reach), search only around the previous poses, over
+    ±3 times the particles' current angular accuracy (RELION auto-refine likewise switches to local searches by the
     state of the poses). ``alignment_margin_shells``: Fourier shells beyond the current
     resolution used for alignment. ``band_limited_reconstruction``: backproject only inside
     that band and take the FSC as zero beyond it (RELION's ``current_size``), so the
