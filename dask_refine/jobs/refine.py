@@ -86,10 +86,11 @@ class RefineConfig:
     has fallen below its angular sampling (and after at least ``min_global_iterations``
     global iterations, with at most ``max_far_jump_fraction`` of the particles still jumping
     decisively beyond a local search's reach), search only around the previous poses, over
-    ±3 times the particles' current angular accuracy (RELION auto-refine likewise switches to local searches by the
-    state of the poses). ``alignment_margin_shells``: Fourier shells beyond the current
-    resolution used for alignment. ``band_limited_reconstruction``: backproject only inside
-    that band and take the FSC as zero beyond it (RELION's ``current_size``), so the
+    ±3 times the particles' current angular accuracy (RELION auto-refine likewise switches to
+    local searches by the state of the poses). ``alignment_margin_shells``: Fourier shells
+    beyond the current resolution used for alignment. ``band_limited_reconstruction``:
+    backproject only inside that band and take the FSC as zero beyond it (RELION's
+    ``current_size``), so the
     resolution grows by at most the margin per iteration (docs/design-notes.md, "The band grows
     with the resolution"). ``marginalize``: backproject every particle over its
     significant poses with their posterior weights (RELION's expectation step); False: at its
