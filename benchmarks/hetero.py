@@ -244,16 +244,29 @@ def case_hetero(args, work: Path) -> dict:
         rows["RELION 3.1 Class3D"] = rel
     print(f"\nHeterogeneous: 2 classes, box {box}, {args.n} particles, SNR {args.snr:g}, "
           f"{args.workers} cores")
-    print(f"{'method':28s} {'accuracy':>8s} {'class 1 Å':>9s} {'class 2 Å':>9s} {'iters':>5s} "
-          f"{'wall s':>7s}")
+    print_classes(rows, per_state=False)
+    return rows
+
+
+def print_classes(rows: dict, per_state: bool) -> None:
+    """The table of a classification case: accuracy (per state and class sizes with
+    ``per_state``), each class map's FSC-to-truth, iterations and wall time of every row."""
+    state_head = f"{'state 1':>7s} {'state 2':>7s} {'sizes':>11s} " if per_state else ""
+    print(f"{'method':34s} {'accuracy':>8s} {state_head}{'class 1 Å':>9s} {'class 2 Å':>9s} "
+          f"{'iters':>5s} {'wall s':>7s}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:28s} failed: {r['error'][-200:]}")
+            print(f"{name:34s} failed: {r['error'][-200:]}")
             continue
+        states = ""
+        if per_state:
+            s1, s2 = r["per_state_accuracy"]
+            sizes = "/".join(str(c) for c in r["class_sizes"])
+            states = f"{s1:7.3f} {s2:7.3f} {sizes:>11s} "
         c1, c2 = r["class_fsc_truth_05_A"]
-        print(f"{name:28s} {r['accuracy']:8.3f} {c1:9.2f} {c2:9.2f} {r['iterations']:5d} "
-              f"{r['wall_s']:7.0f}" + ("" if r.get("finished", True) else "  (stopped)"))
-    return rows
+        print(f"{name:34s} {r['accuracy']:8.3f} {states}{c1:9.2f} {c2:9.2f} "
+              f"{r['iterations']:5d} {r['wall_s']:7.0f}"
+              + ("" if r.get("finished", True) else "  (stopped)"))
 
 
 def _mass_threshold(density, fraction: float) -> float:
@@ -279,12 +292,11 @@ def principal_axes(density):
 
 
 def rotation_about(axis, angle_deg: float) -> np.ndarray:
-    """Rotation matrix (Rodrigues) by ``angle_deg`` about unit ``axis``: ``R n = n cos θ +
-    (axis × n) sin θ`` for n ⟂ axis."""
+    """Rotation matrix by ``angle_deg`` about ``axis`` (Rodrigues, :mod:`oracle`)."""
+    from oracle import _rotvec_matrix
+
     u = np.asarray(axis, np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
-    t = np.deg2rad(angle_deg)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+    return _rotvec_matrix(np.deg2rad(angle_deg) * u)
 
 
 def conformational_state(volume, px: float, hinge_deg: float = 8.0, shift_A: float = 0.0,
@@ -454,18 +466,7 @@ def case_conformational(args, work: Path):
     print(f"\nConformational mixture ({Path(args.map).name}): 2 states, box {box}, {args.n} "
           f"particles, SNR {args.snr:g}, {args.workers} cores")
     print(describe_motion(motion))
-    print(f"{'method':34s} {'accuracy':>8s} {'state 1':>7s} {'state 2':>7s} {'sizes':>11s} "
-          f"{'class 1 Å':>9s} {'class 2 Å':>9s} {'iters':>5s} {'wall s':>7s}")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:34s} failed: {r['error'][-200:]}")
-            continue
-        s1, s2 = r["per_state_accuracy"]
-        c1, c2 = r["class_fsc_truth_05_A"]
-        sizes = "/".join(str(c) for c in r["class_sizes"])
-        print(f"{name:34s} {r['accuracy']:8.3f} {s1:7.3f} {s2:7.3f} {sizes:>11s} {c1:9.2f} "
-              f"{c2:9.2f} {r['iterations']:5d} {r['wall_s']:7.0f}"
-              + ("" if r.get("finished", True) else "  (stopped)"))
+    print_classes(rows, per_state=True)
     s1, s2 = oracle["per_state_accuracy"]
     print(f"{'oracle (true maps and poses)':34s} {oracle['accuracy']:8.3f} {s1:7.3f} {s2:7.3f} "
           f"{'/'.join(str(c) for c in oracle['class_sizes']):>11s}")

@@ -219,12 +219,6 @@ def _ancestry(first: int, last: int, symmetry: str):
     return anc, cells, parent
 
 
-def _group_reduce(values, groups, n_groups: int, op):
-    out = np.full(n_groups, np.inf if op is np.minimum else -np.inf)
-    op.at(out, groups, values)
-    return out
-
-
 if numba is not None:
     @numba.njit(nogil=True, cache=True)
     def _pair_cross(slices, shifted, cell, origin, m0, m1, out):
@@ -339,10 +333,9 @@ class _Energies:
             return zero, zero
         if m <= t.m_exact:
             mid = self.low[t.m_exact] - self.low[m]
-            j = 0
             if t.ring_edges.size < 2:
                 return mid, mid
-            return mid + self.tail_lo[:, j], mid + self.tail_hi[:, j]
+            return mid + self.tail_lo[:, 0], mid + self.tail_hi[:, 0]
         j = int(np.searchsorted(t.ring_edges, m))
         if j >= t.ring_edges.size - 1:
             zero = np.zeros(t.n_finest)
@@ -543,24 +536,25 @@ def _keep(bound, threshold: float, max_pairs: int, row, certified: bool):
     return keep, certified
 
 
-def _children_pairs(tables: GridTables, level: int, cell, origin):
-    """The pairs (child cell at ``level + 1``, same origin) of pairs at ``level``."""
-    start, order = tables.children[level]
-    counts = start[cell + 1] - start[cell]
-    owner = np.repeat(np.arange(cell.size), counts)
-    offset = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    child = order[start[cell][owner] + np.arange(owner.size) - offset[owner]]
-    return child.astype(np.int64), origin[owner]
-
-
-def _descendant_pairs(tables: GridTables, level: int, cell, origin):
-    """The pairs (finest descendant, same origin) of pairs at ``level``."""
-    start, members = tables.members[level]
+def _expand(csr, cell, origin):
+    """Pairs (member, same origin) of pairs (``cell``, ``origin``) through ``csr`` = ``(start,
+    members)``: the members of cell ``c`` are ``members[start[c]:start[c + 1]]``."""
+    start, members = csr
     counts = start[cell + 1] - start[cell]
     owner = np.repeat(np.arange(cell.size), counts)
     offset = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return (members[start[cell][owner] + np.arange(owner.size) - offset[owner]].astype(np.int64),
             origin[owner])
+
+
+def _children_pairs(tables: GridTables, level: int, cell, origin):
+    """The pairs (child cell at ``level + 1``, same origin) of pairs at ``level``."""
+    return _expand(tables.children[level], cell, origin)
+
+
+def _descendant_pairs(tables: GridTables, level: int, cell, origin):
+    """The pairs (finest descendant, same origin) of pairs at ``level``."""
+    return _expand(tables.members[level], cell, origin)
 
 
 def _exact_errors(tables: GridTables, data: ParticleData, b: int, cell, origins_px,

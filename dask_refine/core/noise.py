@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .fourier import rfft_multiplicity, rfft_radius
+from .fourier import centred_rfftn, rfft_multiplicity, rfft_radius
+from .masks import soft_sphere_mask
 
 
 def image_shells(box_size: int) -> np.ndarray:
@@ -131,16 +132,12 @@ def background_noise_power(images, radius_px: float, soft_edge_px: float = 3.0):
     and cryoSPARC estimate their first noise spectra from the particles' background the same
     way. Returns None when the background holds less than :data:`MIN_BACKGROUND_FRACTION` of
     the box (a particle that fills it)."""
-    from .masks import soft_sphere_mask
-
     images = np.asarray(images, np.float64)
     box = images.shape[-1]
     background = 1.0 - soft_sphere_mask(box, radius_px, soft_edge_px, ndim=2)
     fraction = float(np.mean(background ** 2))
     if fraction < MIN_BACKGROUND_FRACTION:
         return None
-    from .fourier import centred_rfftn
-
     power = (np.abs(centred_rfftn(images * background, 2)) ** 2).mean(axis=0)
     return shell_mean(power, box, 2) / fraction
 
