@@ -145,3 +145,75 @@ def test_band_limited_backprojection_inserts_only_the_band(demo_map):
     np.testing.assert_allclose(limited.weight, expected.weight, rtol=1e-5,
                                atol=1e-5 * expected.weight.max())
     assert limited.weight.sum() < 0.5 * full.weight.sum()
+
+
+def _two_class_step(images, meta, ref, px, noise_weight, soft=True):
+    env = amplitude_envelope(ref, 32)
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2, posterior_window=18.4)
+    sums = FourierSums.zeros(4, 32)
+    step = refine_particles(sums, images, meta, np.zeros(len(images), int), [ref] * 4,
+                            [env] * 4, noise_weight, params, px, 8.0,
+                            options=EStepOptions(n_classes=2, soft_classes=soft))
+    return sums, step
+
+
+def test_equal_per_class_noise_models_are_the_shared_model(demo_map):
+    """Per-class noise models that happen to be equal change nothing: the normalisers cancel
+    in the class posterior, and the per-class noise sums add up to the shared ones."""
+    images, meta, ref, px = _batch(demo_map, n=6, snr=0.5)
+    shared = noise_weights(np.full(17, 3.0), 32)
+    s0, r0 = _two_class_step(images, meta, ref, px, shared)
+    s1, r1 = _two_class_step(images, meta, ref, px, np.stack([shared, shared]))
+    np.testing.assert_allclose(r1.class_weight, r0.class_weight, rtol=1e-9)
+    np.testing.assert_array_equal(r1.rotation, r0.rotation)
+    np.testing.assert_allclose(r1.error, r0.error, rtol=1e-12)
+    np.testing.assert_allclose(r1.noise_sums, r0.noise_sums, rtol=1e-9)
+    np.testing.assert_allclose(s1.data, s0.data, rtol=1e-6, atol=1e-6 * np.abs(s0.data).max())
+
+
+def test_class_posterior_weighs_noise_models_by_their_likelihood(demo_map, monkeypatch):
+    """Two classes with the same reference, one with the noise model the images were drawn
+    with and one with 4× (or ¼×) that power: the whitened error alone favours the larger σ²
+    (it divides by it); with each model's normaliser Σ m log σ² the true model wins, as the
+    likelihood of Gaussian noise says it must."""
+    from dask_refine.core.fourier import centred_rfftn
+    from dask_refine.core.noise import shell_power_sums, sigma2_from_sums
+
+    clean, meta, ref, px = _batch(demo_map, n=6, snr=1e12)
+    std = 3.0 * clean.std()
+    rng = np.random.default_rng(5)
+    images = (clean + rng.normal(0, std, clean.shape)).astype(np.float32)
+    sums, counts = shell_power_sums(centred_rfftn(rng.normal(0, std, (400, 32, 32)), 2))
+    sigma2 = sigma2_from_sums(sums, counts)  # the images' own noise model, per shell
+    for factor in (4.0, 0.25):
+        for true_class in (0, 1):
+            models = [sigma2, sigma2]
+            models[1 - true_class] = factor * sigma2
+            _, step = _two_class_step(images, meta, ref, px, noise_weights(np.stack(models), 32))
+            assert (step.class_id == true_class).all(), (factor, true_class)
+            assert step.class_weight[:, true_class].min() > 0.99
+    # without the normalisers the 4× model wins every particle by dividing the error by 4
+    import dask_refine.core.refine_step as refine_step
+
+    monkeypatch.setattr(refine_step, "log_noise_normaliser", lambda *_: 0.0)
+    _, step = _two_class_step(images, meta, ref, px,
+                              noise_weights(np.stack([sigma2, 4.0 * sigma2]), 32))
+    assert (step.class_id == 1).all()
+
+
+def test_class_noise_models_shrink_toward_the_pooled_model():
+    from dask_refine.core.noise import class_noise_models, sigma2_from_sums
+
+    box, shells = 16, 9
+    pixels = np.bincount(np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(box) * box,
+                                                     np.fft.fftfreq(box) * box,
+                                                     indexing="ij"))).astype(int).ravel(),
+                         minlength=shells)[:shells].astype(float)
+    big, small = 1e5 * pixels, 0.0 * pixels  # class 2 holds no particle
+    sums = np.stack([2.0 * big, small])
+    out = class_noise_models(sums, np.stack([big, small]))
+    np.testing.assert_allclose(out[0], 2.0, rtol=1e-3)  # a large class: its own noise
+    np.testing.assert_allclose(out[1], 2.0, rtol=1e-12)  # an empty class: the pooled one
+    one = class_noise_models(sums[:1], np.stack([big]))
+    np.testing.assert_allclose(one[0], sigma2_from_sums(sums[0], big))

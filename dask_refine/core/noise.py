@@ -53,11 +53,52 @@ def sigma2_from_sums(sums, counts) -> np.ndarray:
     return np.interp(idx, idx[valid], sigma2[valid])
 
 
+#: Per-class noise models are shrunk toward the pooled one with the weight of this many
+#: particles' residuals (a conjugate prior): a class of a few particles keeps the pooled model.
+CLASS_NOISE_PRIOR_PARTICLES = 10.0
+
+
+def class_noise_models(sums, counts,
+                       prior_particles: float = CLASS_NOISE_PRIOR_PARTICLES) -> np.ndarray:
+    """σ² per class and shell ``(K, S)`` from per-class :func:`shell_power_sums` totals
+    ``(K, S)`` (each particle's residuals weighed by its posterior over classes and poses).
+
+    Each class's estimate is the posterior mean under a prior of ``prior_particles`` images
+    of the pooled model: ``(Σ_k + n₀ P σ²_pooled) / (c_k + n₀ P)``, with ``P`` a shell's
+    pixel count (what one image contributes to ``c``). A large class gets its own noise, an
+    empty one the pooled noise; with one class this is :func:`sigma2_from_sums`."""
+    sums, counts = np.atleast_2d(sums), np.atleast_2d(counts)
+    pooled = sigma2_from_sums(sums.sum(axis=0), counts.sum(axis=0))
+    if sums.shape[0] == 1:
+        return pooled[None, :]
+    box = 2 * (sums.shape[1] - 1)
+    mult = np.broadcast_to(rfft_multiplicity(box, 2), (box, box // 2 + 1))
+    pixels = np.bincount(image_shells(box).ravel(), weights=mult.ravel(),
+                         minlength=sums.shape[1])[:sums.shape[1]]
+    prior = prior_particles * pixels
+    return (sums + prior * pooled) / (counts + prior)
+
+
 def noise_weights(sigma2_shells, box_size: int) -> np.ndarray:
-    """``1/σ²`` on the ``(D, D//2+1)`` grid from per-shell σ² (shells beyond D/2 get 0)."""
+    """``1/σ²`` on the ``(D, D//2+1)`` grid from per-shell σ² (shells beyond D/2 get 0).
+
+    ``sigma2_shells`` ``(..., S)``: leading axes (one noise model per class) are kept,
+    giving ``(..., D, D//2+1)``."""
     shells = image_shells(box_size)
-    w = np.append(1.0 / np.asarray(sigma2_shells, np.float64), 0.0)
-    return w[np.minimum(shells, len(w) - 1)]
+    inverse = 1.0 / np.asarray(sigma2_shells, np.float64)
+    w = np.concatenate([inverse, np.zeros(inverse.shape[:-1] + (1,))], axis=-1)
+    return w[..., np.minimum(shells, w.shape[-1] - 1)]
+
+
+def log_noise_normaliser(noise_weight, pixels) -> float:
+    """``Σ_p m_p log σ²_p`` over the rfft pixels ``pixels`` (``(flat indices, multiplicities)``)
+    for weights ``1/σ²`` on the rfft grid: the part of −2 log-likelihood that a noise-whitened
+    error ``Σ m |X − Y|²/σ²`` leaves out. Equal for every pose of one noise model; it matters
+    where noise models differ (per class): −2 log p(X | class k) = E_k + this term of class k,
+    up to a constant shared by all classes (docs/design-notes.md, "Per-class noise")."""
+    sel, mult = pixels
+    w = np.asarray(to_numpy(noise_weight), np.float64).ravel()[sel]
+    return float(-np.sum(np.asarray(mult) * np.log(w)))
 
 
 def scale_terms(images_centred_rfft, model_rfft, weights, max_shell: float):

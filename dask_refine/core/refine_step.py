@@ -26,8 +26,8 @@ from .backend import (array_module, batch_size_for_memory, free_device_bytes, se
                       to_numpy)
 from .backprojection import FourierSums, particle_ctfs
 from .fourier import centred_rfftn, translate_rfft
-from .noise import scale_from_terms, scale_terms, shell_power_sums
-from .pose_search import ParticleData, SearchParams, branch_and_bound
+from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
+from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound
 from .posterior import class_evidence, significant_poses, softmax
 from .projection import extract_central_slices_rfft, insert_central_slices_rfft
 from .rotations import angular_distance_deg
@@ -72,8 +72,8 @@ class StepResult:
     error: np.ndarray  # (B,)
     n_evaluations: np.ndarray  # (B,)
     scale_estimate: np.ndarray  # (B,)
-    noise_sums: np.ndarray  # (D//2 + 1,)
-    noise_counts: np.ndarray  # (D//2 + 1,)
+    noise_sums: np.ndarray  # (K, D//2 + 1): per class, posterior-weighted
+    noise_counts: np.ndarray  # (K, D//2 + 1)
     class_id: np.ndarray | None = None  # (B,) most probable class, heterogeneous refinement
     class_weight: np.ndarray | None = None  # (B, K) posterior class probabilities
     n_significant: np.ndarray | None = None  # (B,)
@@ -102,14 +102,21 @@ class _Poses:
     weight: np.ndarray  # (P,)
 
 
-def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray) -> _Poses:
-    """Weigh every particle's candidates (``found[k].candidates``) and fill ``out[rows]``."""
+def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
+                class_offsets=None) -> _Poses:
+    """Weigh every particle's candidates (``found[k].candidates``) and fill ``out[rows]``.
+
+    ``class_offsets`` ``(K,)``: added to class k's errors so that they are −2 log-likelihoods
+    comparable across classes with different noise models (:func:`.noise.log_noise_normaliser`);
+    the reported ``error`` stays the noise-whitened error of the best pose."""
     k_total = options.n_classes
     log_prior = (np.zeros(k_total) if options.log_class_prior is None
                  else np.asarray(options.log_class_prior, np.float64))
+    offsets = np.zeros(k_total) if class_offsets is None else np.asarray(class_offsets, float)
     parts = {f: [] for f in ("particle", "class_id", "rotation", "origin_px", "weight")}
     for i, row in enumerate(rows):
-        pools = [r.candidates[i] for r in found]
+        pools = [(rot, org, err + offsets[k])
+                 for k, (rot, org, err) in enumerate(r.candidates[i] for r in found)]
         if not options.marginalize:
             pools = [(rot[:1], org[:1], err[:1]) for rot, org, err in pools]
         evidence = class_evidence([p[2] for p in pools], log_prior)
@@ -127,7 +134,8 @@ def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray)
         parts["rotation"].append(rot)
         parts["origin_px"].append(org)
         parts["weight"].append(w)
-        out.rotation[row], out.origin_px[row], out.error[row] = best_rot, best_org, best_err
+        out.rotation[row], out.origin_px[row] = best_rot, best_org
+        out.error[row] = best_err - offsets[best_class]
         out.n_significant[row], out.max_posterior[row] = keep.size, w.max()
         out.log_likelihood[row] = log_ev
         same = cls[keep] == best_class  # (soft classes, capped: possibly none of them kept)
@@ -170,6 +178,10 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     ``groups`` ``(B,)``: the half set of each particle; references and sums are indexed
     ``class · 2 + half``. With ``options.n_classes`` > 1 every particle is searched against
     every class (:class:`EStepOptions` says how classes and poses are weighed).
+    ``noise_weight``: ``1/σ²`` on the rfft grid, ``(D, H)`` shared by all classes or
+    ``(K, D, H)`` one noise model per class; with per-class models the class posteriors
+    include each model's normaliser (:func:`.noise.log_noise_normaliser`) and the noise sums
+    are kept per class, each particle's residuals weighed by its class posterior.
 
     Backend: the arrays' own. With CuPy references and sums (a GPU worker), the images are
     copied to the device and every transform, slice, GEMM and insertion runs there; per-particle
@@ -185,14 +197,18 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     x = centred_rfftn(images, 2)
     ctf = particle_ctfs(meta, box, pixel_size_A, xp)
     noise_weight = xp.asarray(noise_weight)
+    class_weights = (list(noise_weight) if noise_weight.ndim == 3
+                     else [noise_weight] * options.n_classes)
+    if len(class_weights) != options.n_classes:
+        raise ValueError(f"{len(class_weights)} noise models for {options.n_classes} classes")
     scale = np.asarray(meta["scale"], np.float64)
     prior_origin = np.asarray(meta["origin_px"], np.float64)
     prior_rot = meta.get("rotation")
     groups = np.asarray(groups)
     k_total = options.n_classes
     out = StepResult(np.zeros((n, 3, 3)), np.zeros((n, 2)), np.zeros(n),
-                     np.zeros(n, np.int64), np.ones(n), np.zeros(box // 2 + 1),
-                     np.zeros(box // 2 + 1), n_significant=np.zeros(n, np.int64),
+                     np.zeros(n, np.int64), np.ones(n), np.zeros((k_total, box // 2 + 1)),
+                     np.zeros((k_total, box // 2 + 1)), n_significant=np.zeros(n, np.int64),
                      max_posterior=np.zeros(n), log_likelihood=np.zeros(n),
                      posterior_sd_deg=np.zeros(n), capped=np.zeros(n, bool))
     if k_total > 1:
@@ -202,11 +218,16 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     per_pose = 6 * 8 * box * (box // 2 + 1)
     block = batch_size_for_memory(per_pose, free_device_bytes(xp),
                                   max(16, min(1024, (64 << 20) // per_pose)), minimum=16)
+    offsets = None
+    if noise_weight.ndim == 3 and k_total > 1:
+        sel_band, _, _, mult = band_pixels(box, 0.0, params.r_align)
+        offsets = [log_noise_normaliser(w, (sel_band, mult)) for w in class_weights]
     for h in np.unique(groups):
         sel_host = np.flatnonzero(groups == h)
         sel = xp.asarray(sel_host)
-        data = ParticleData(x[sel], ctf[sel], scale[sel_host], noise_weight)
-        found = [branch_and_bound(references[2 * k + h], data, params,
+        found = [branch_and_bound(references[2 * k + h],
+                                  ParticleData(x[sel], ctf[sel], scale[sel_host],
+                                               class_weights[k]), params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
                                   prior_origin_px=prior_origin[sel],
                                   envelope=envelopes[2 * k + h]) for k in range(k_total)]
@@ -214,7 +235,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         out.capped[sel_host] = np.any([r.pruning[:, :, 2].sum(axis=1) > 0 for r in found], axis=0)
         pruned = sum(r.pruning.sum(axis=0) for r in found)
         out.pruning = pruned if out.pruning is None else out.pruning + pruned
-        poses = _posteriors(found, options, out, sel_host)
+        poses = _posteriors(found, options, out, sel_host, offsets)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
         x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]
         for k in range(k_total):
@@ -232,13 +253,13 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                 model = (ctf_h[pid_d] * extract_central_slices_rfft(
                     references[2 * k + h], poses.rotation[j][starts], box)[xp.asarray(run_of)])
                 w = poses.weight[j]
-                t_num, t_den = scale_terms(centred, model, noise_weight, scale_max_shell)
+                t_num, t_den = scale_terms(centred, model, class_weights[k], scale_max_shell)
                 np.add.at(num, pid, w * t_num)
                 np.add.at(den, pid, w * t_den)
                 s = xp.asarray(s_h[pid]).reshape(-1, 1, 1)
                 p_sum, p_count = shell_power_sums(centred - s * model, weights=w)
-                out.noise_sums += p_sum
-                out.noise_counts += p_count
+                out.noise_sums[k] += p_sum
+                out.noise_counts[k] += p_count
                 w_d = xp.asarray(w.astype(np.float32)).reshape(-1, 1, 1)
                 data_runs = segment_sums(centred * w_d, starts)
                 w_runs = xp.asarray(np.add.reduceat(w, starts).astype(np.float32)).reshape(-1, 1, 1)

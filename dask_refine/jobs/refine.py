@@ -30,8 +30,8 @@ from ..core.fourier import centred_rfftn
 from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
                         within_band)
 from ..core.masks import soft_sphere_mask
-from ..core.noise import (background_noise_power, initial_noise_and_scale, noise_weights,
-                          renormalise_scales, shell_mean, sigma2_from_sums)
+from ..core.noise import (background_noise_power, class_noise_models, initial_noise_and_scale,
+                          noise_weights, renormalise_scales, shell_mean)
 from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_resolution_map
 from ..core import so3_grid
 from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_evaluations,
@@ -160,7 +160,7 @@ class State:
 
     iteration: int
     references: list  # (D, D, D) float32 references, index class · 2 + half
-    sigma2: np.ndarray  # noise σ² per shell
+    sigma2: np.ndarray  # (K, S) noise σ² per class and shell
     scale: np.ndarray  # (N,)
     rotation: np.ndarray | None  # (N, 3, 3) or None before the first iteration
     origin_px: np.ndarray  # (N, 2)
@@ -251,7 +251,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
         references += [reference, reference.copy()]
         noise.append(sigma2)
     r_align = min(box / 2 - 1, lowpass_shell + config.alignment_margin_shells)
-    return State(0, references, np.mean(noise, axis=0), np.ones(n), None, np.zeros((n, 2)),
+    return State(0, references, np.stack(noise), np.ones(n), None, np.zeros((n, 2)),
                  r_align, config.initial_lowpass_A, math.inf, 0)
 
 
@@ -351,7 +351,9 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
     classes = {} if state.class_id is None else {"class_id": state.class_id,
                                                  "class_fraction": state.class_fraction}
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
-             scale=state.scale, sigma2=state.sigma2, **classes, **extra.pop("arrays"))
+             scale=state.scale,  # σ² per shell; (K, shells) with several classes
+             sigma2=state.sigma2[0] if state.n_classes == 1 else state.sigma2,
+             **classes, **extra.pop("arrays"))
     write_json(folder / "state.json", {
         "iteration": state.iteration, "r_align": state.r_align,
         "resolution_A": state.resolution_A, "best_resolution_A": state.best_resolution_A,
@@ -370,7 +372,9 @@ def _load_state(out_dir, iteration: int) -> State:
     k_total = int(js.get("n_classes", 1))
     refs = [read_map(_class_dir(folder, k, k_total) / f"reference_{h}.mrc")[0]
             for k in range(k_total) for h in HALVES]
-    return State(js["iteration"], refs, arrays["sigma2"], arrays["scale"], arrays["rotation"],
+    sigma2 = np.atleast_2d(arrays["sigma2"])  # one row per class (older runs: one shared)
+    sigma2 = np.broadcast_to(sigma2, (k_total, sigma2.shape[-1])).copy()
+    return State(js["iteration"], refs, sigma2, arrays["scale"], arrays["rotation"],
                  arrays["origin_px"], js["r_align"], js["resolution_A"],
                  js["best_resolution_A"], js["stale"],
                  arrays["class_id"] if "class_id" in arrays else None,
@@ -478,7 +482,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     fraction = (per_particle["class_weight"].mean(axis=0) if config.soft_classes
                 else np.bincount(class_id, minlength=n_classes) / n) if class_id is not None \
         else None
-    new = State(state.iteration + 1, references, sigma2_from_sums(noise_sums, noise_counts),
+    new = State(state.iteration + 1, references, class_noise_models(noise_sums, noise_counts),
                 renormalise_scales(scale_est), rotation,
                 np.clip(origin, -max_shift_px, max_shift_px),
                 float(min(box / 2 - 1, shell + config.alignment_margin_shells)), resolution,
