@@ -217,3 +217,39 @@ def test_class_noise_models_shrink_toward_the_pooled_model():
     np.testing.assert_allclose(out[1], 2.0, rtol=1e-12)  # an empty class: the pooled one
     one = class_noise_models(sums[:1], np.stack([big]))
     np.testing.assert_allclose(one[0], sigma2_from_sums(sums[0], big))
+
+
+def test_classes_are_judged_on_the_other_half(demo_map):
+    """Half A's references of both classes are the same map (they say nothing about the class);
+    half B's are the two true class maps. A half-A particle's class posterior comes from half
+    B's maps, at the poses its own half's search found, so it goes to its true class; judged on
+    its own half (``cross_half_classes=False``) the classes are indistinguishable."""
+    volume = downsample_to_32(demo_map[0])
+    px = 2 * demo_map[1]
+    other = volume.copy()
+    other[:, :, 18:] = 0.0  # class 2: a part removed
+    refs = [prepare_reference_rfft(v) for v in (volume, other)]
+    n = 6
+    sim = simulate_metadata(SimulationConfig(n_particles=n, seed=4), 32, px)
+    meta, truth = sim["meta"], sim["truth"]
+    truth["shift_A"] = np.zeros((n, 2))
+    clean = render_particles(refs[1], meta, truth, slice(0, n), 32, px)  # all from class 2
+    images = (clean + np.random.default_rng(2).normal(0, clean.std(), clean.shape)).astype(
+        np.float32)
+    meta = {**meta, "scale": truth["scale"], "origin_px": np.zeros((n, 2)),
+            "rotation": truth["rotation"]}
+    blurred = prepare_reference_rfft(0.5 * (volume + other))
+    references = [blurred, refs[0], blurred, refs[1]]  # class · 2 + half
+    envelopes = [amplitude_envelope(r, 32) for r in references]
+    params = SearchParams(r_align=12, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2, posterior_window=18.4)
+    weight = {}
+    for cross in (True, False):
+        step = refine_particles(FourierSums.zeros(4, 32), images, meta, np.zeros(n, int),
+                                references, envelopes, noise_weights(np.full(17, 50.0), 32),
+                                params, px, 8.0,
+                                options=EStepOptions(n_classes=2, soft_classes=True,
+                                                     cross_half_classes=cross))
+        weight[cross] = step.class_weight
+    assert weight[True][:, 1].min() > 0.99
+    np.testing.assert_allclose(weight[False], 0.5, atol=1e-6)

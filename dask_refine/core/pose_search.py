@@ -462,6 +462,20 @@ def _first_occurrences(keys):
     return first, inverse
 
 
+def pose_errors(reference_rfft, data: ParticleData, b: int, rotations, origins_px,
+                r_align: float) -> np.ndarray:
+    """The search's error ``E`` (band ``|k| < r_align``) of particle ``b`` at given poses,
+    rotation ``rotations[i]`` at origin ``origins_px[i]``, against ``reference_rfft``: to score
+    the poses one search found under another reference (host array ``(m,)``)."""
+    part = _Particle(data, b, band_pixels(data.box_size, 0.0, r_align))
+    rotations = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
+    key = np.round(rotations.reshape(-1, 9) * 1e9).astype(np.int64)
+    _, first_of, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    slices = _slices(reference_rfft, data.box_size, rotations[first_of], part.kx, part.ky)
+    err, _ = _pair_errors(part, slices, inverse.ravel(), np.asarray(origins_px, np.float64))
+    return err
+
+
 def _pair_errors(part: _Particle, slices, pair_rot, pair_origin):
     """Errors of (rotation, origin) pairs: ``slices[pair_rot[i]]`` at ``pair_origin[i]``.
 

@@ -27,7 +27,7 @@ from .backend import (array_module, batch_size_for_memory, free_device_bytes, se
 from .backprojection import FourierSums, particle_ctfs
 from .fourier import centred_rfftn, translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
-from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound
+from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound, pose_errors
 from .posterior import class_evidence, significant_poses, softmax
 from .projection import extract_central_slices_rfft, insert_central_slices_rfft
 from .rotations import angular_distance_deg
@@ -45,6 +45,11 @@ class EStepOptions:
     ``backprojection_max_shell``: insert Fourier components only up to this radius (pixels;
     None: every one), RELION's ``current_size``: a reference holds no detail finer than the
     band its particles were aligned in (docs/design-notes.md, "The band grows with the resolution").
+    ``cross_half_classes`` (several classes): a particle's evidence for each class is measured
+    on the *other* half set's reference of that class, at the poses its own half's search
+    found, so that no particle is classified by a map it is part of; poses are still searched
+    and weighed within a class on the particle's own half (docs/design-notes.md,
+    "Classes judged on the other half").
     """
 
     n_classes: int = 1
@@ -54,6 +59,7 @@ class EStepOptions:
     max_significant_poses: int = 300
     log_class_prior: tuple | None = None
     backprojection_max_shell: float | None = None
+    cross_half_classes: bool = True
 
 
 @dataclass
@@ -103,12 +109,15 @@ class _Poses:
 
 
 def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
-                class_offsets=None) -> _Poses:
+                class_offsets=None, cross_errors=None) -> _Poses:
     """Weigh every particle's candidates (``found[k].candidates``) and fill ``out[rows]``.
 
     ``class_offsets`` ``(K,)``: added to class k's errors so that they are −2 log-likelihoods
     comparable across classes with different noise models (:func:`.noise.log_noise_normaliser`);
-    the reported ``error`` stays the noise-whitened error of the best pose."""
+    the reported ``error`` stays the noise-whitened error of the best pose.
+    ``cross_errors[i][k]``: particle i's candidates of class k scored on the other half's
+    reference; given, the class posterior comes from them and the poses within a class from
+    the own half's errors: ``p(k, j) ∝ exp(ev_k) · exp(−E_kj/2) / Σ_j' exp(−E_kj'/2)``."""
     k_total = options.n_classes
     log_prior = (np.zeros(k_total) if options.log_class_prior is None
                  else np.asarray(options.log_class_prior, np.float64))
@@ -117,15 +126,21 @@ def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
     for i, row in enumerate(rows):
         pools = [(rot, org, err + offsets[k])
                  for k, (rot, org, err) in enumerate(r.candidates[i] for r in found)]
-        if not options.marginalize:
-            pools = [(rot[:1], org[:1], err[:1]) for rot, org, err in pools]
-        evidence = class_evidence([p[2] for p in pools], log_prior)
+        n_kept = [p[2].size if options.marginalize else 1 for p in pools]
+        pools = [(rot[:m], org[:m], err[:m]) for (rot, org, err), m in zip(pools, n_kept)]
+        own = class_evidence([p[2] for p in pools], log_prior)
+        evidence = own if cross_errors is None else class_evidence(
+            [cross_errors[i][k][:n_kept[k]] + offsets[k] for k in range(k_total)], log_prior)
         best_class = int(np.argmax(evidence))
         classes = range(k_total) if options.soft_classes else [best_class]
-        errs = np.concatenate([pools[k][2] for k in classes])
+        # −2 log of the joint weight: the class's evidence, then the pose within the class
+        errs = np.concatenate([pools[k][2] + 2.0 * (own[k] - log_prior[k] - evidence[k])
+                               for k in classes])
         cls = np.concatenate([np.full(pools[k][2].size, k) for k in classes])
-        keep, w, log_ev = significant_poses(errs, log_prior[cls], options.significant_fraction,
-                                            options.max_significant_poses)
+        keep, w, _ = significant_poses(errs, None, options.significant_fraction,
+                                       options.max_significant_poses)
+        top = float(own.max())
+        log_ev = top + float(np.log(np.exp(own - top).sum()))  # own half's log-evidence
         rot = np.concatenate([pools[k][0] for k in classes])[keep]
         org = np.concatenate([pools[k][1] for k in classes])[keep]
         best_rot, best_org, best_err = (a[0] for a in pools[best_class])
@@ -235,7 +250,14 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         out.capped[sel_host] = np.any([r.pruning[:, :, 2].sum(axis=1) > 0 for r in found], axis=0)
         pruned = sum(r.pruning.sum(axis=0) for r in found)
         out.pruning = pruned if out.pruning is None else out.pruning + pruned
-        poses = _posteriors(found, options, out, sel_host, offsets)
+        cross = None
+        if options.cross_half_classes and k_total > 1:
+            other = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
+                     for k in range(k_total)]
+            cross = [[pose_errors(references[2 * k + 1 - h], other[k], i,
+                                  *found[k].candidates[i][:2], params.r_align)
+                      for k in range(k_total)] for i in range(sel_host.size)]
+        poses = _posteriors(found, options, out, sel_host, offsets, cross)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
         x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]
         for k in range(k_total):

@@ -58,7 +58,8 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
                          publish_iteration, read_state)
 
 HALVES = ("A", "B")
-RESUME_KEYS = ("store", "initial_map", "soft_classes", "non_uniform", "initial_lowpass_A",
+RESUME_KEYS = ("store", "initial_map", "soft_classes", "cross_half_classes", "non_uniform",
+               "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "max_global_level",
                "first_level_candidates", "local_search",
@@ -106,7 +107,9 @@ class RefineConfig:
     to the particles' greyscale separately); every particle is searched against every class;
     ``soft_classes`` (the default): backprojected into each class over its poses with the joint
     posterior over classes and poses, class priors the last iteration's class fractions; else
-    assigned to its most probable class.
+    assigned to its most probable class. ``cross_half_classes`` (the default): the class
+    posterior of a particle is measured on the other half set's class references, at the poses
+    its own half's search found (docs/design-notes.md, "Classes judged on the other half").
 
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
@@ -118,6 +121,7 @@ class RefineConfig:
     initial_map: str | tuple[str, ...]
     out_dir: str
     soft_classes: bool = True
+    cross_half_classes: bool = True
     class_change_fraction: float = 0.01
     marginalize: bool = True
     non_uniform: bool = False
@@ -308,6 +312,7 @@ def _estep_options(config, state: State) -> EStepOptions:
     return EStepOptions(n_classes=state.n_classes,
                         soft_classes=config.soft_classes and state.n_classes > 1,
                         marginalize=config.marginalize, log_class_prior=prior,
+                        cross_half_classes=config.cross_half_classes,
                         backprojection_max_shell=(state.r_align if config.band_limited_reconstruction
                                                   else None))
 

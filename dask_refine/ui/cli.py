@@ -297,6 +297,7 @@ def cmd_refine(args) -> int:
     config = RefineConfig(
         store=args.store, initial_map=tuple(args.initial) if hetero else args.initial,
         out_dir=args.out, soft_classes=not getattr(args, "hard", False),
+        cross_half_classes=not getattr(args, "own_half_classes", False),
         marginalize=not args.no_marginalize, non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
@@ -425,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--hard", action="store_true",
                            help="hard class assignment: each particle to its most probable "
                            "class (default: soft, the joint posterior over classes and poses)")
+            p.add_argument("--own-half-classes", action="store_true",
+                           help="judge each particle's classes on its own half set's maps "
+                           "(default: on the other half's, so that no particle is classified "
+                           "by a map it is part of)")
         else:
             p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
         p.add_argument("--out", required=True, help="output folder (also the checkpoint), or an "
