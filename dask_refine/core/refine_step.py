@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import (array_module, batch_size_for_memory, free_device_bytes, segment_sums,
-                      to_numpy)
+from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
 from .backprojection import FourierSums, particle_ctfs
 from .fourier import centred_rfftn, translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
