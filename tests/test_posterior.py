@@ -194,7 +194,7 @@ def test_class_posterior_weighs_noise_models_by_their_likelihood(demo_map, monke
             assert (step.class_id == true_class).all(), (factor, true_class)
             assert step.class_weight[:, true_class].min() > 0.99
     # without the normalisers the 4× model wins every particle by dividing the error by 4
-    import dask_refine.core.refine_step as refine_step
+    from dask_refine.core import refine_step
 
     monkeypatch.setattr(refine_step, "log_noise_normaliser", lambda *_: 0.0)
     _, step = _two_class_step(images, meta, ref, px,
@@ -253,3 +253,40 @@ def test_classes_are_judged_on_the_other_half(demo_map):
         weight[cross] = step.class_weight
     assert weight[True][:, 1].min() > 0.99
     np.testing.assert_allclose(weight[False], 0.5, atol=1e-6)
+
+
+def test_random_subsets_are_drawn_per_particle_not_per_chunk(demo_map):
+    """``random_class_seed``: each particle goes, whole, into one class drawn from the seed and
+    its index in the store: the same draw whichever chunk it is processed in, about N/K per
+    class, one-hot class weights, and its poses backprojected into that class only."""
+    from dask_refine.core.refine_step import random_classes
+
+    draws = random_classes(3, np.arange(4000), 2)
+    assert abs(draws.mean() - 0.5) < 0.03
+    np.testing.assert_array_equal(random_classes(3, np.arange(100, 200), 2), draws[100:200])
+    assert not np.array_equal(random_classes(4, np.arange(4000), 2), draws)
+    images, meta, ref, px = _batch(demo_map, n=8, snr=0.5)
+    env = amplitude_envelope(ref, 32)
+    params = SearchParams(r_align=10, particle_radius_px=12, first_level=1, last_level=3,
+                          max_shift_px=1.0, local=True, local_level=2, posterior_window=18.4)
+    whole = FourierSums.zeros(4, 32)
+    step = refine_particles(whole, images, meta, np.zeros(8, int), [ref] * 4, [env] * 4,
+                            noise_weights(np.full(17, 3.0), 32), params, px, 8.0,
+                            first_index=50, options=EStepOptions(n_classes=2, soft_classes=True,
+                                                                 random_class_seed=3))
+    np.testing.assert_array_equal(step.class_id, draws[50:58])
+    np.testing.assert_array_equal(step.class_weight, np.eye(2)[draws[50:58]])
+    assert whole.count[0] == np.sum(draws[50:58] == 0) and whole.count[2] == np.sum(draws[50:58])
+    # in two chunks: the same draws and the same sums
+    parts = FourierSums.zeros(4, 32)
+    for lo in (0, 4):
+        rows = slice(lo, lo + 4)
+        part = refine_particles(parts, images[rows], {k: v[rows] for k, v in meta.items()},
+                                np.zeros(4, int), [ref] * 4, [env] * 4,
+                                noise_weights(np.full(17, 3.0), 32), params, px, 8.0,
+                                first_index=50 + lo,
+                                options=EStepOptions(n_classes=2, soft_classes=True,
+                                                     random_class_seed=3))
+        np.testing.assert_array_equal(part.class_id, draws[50 + lo:54 + lo])
+    np.testing.assert_allclose(parts.data, whole.data, rtol=1e-5,
+                               atol=1e-6 * np.abs(whole.data).max())

@@ -49,6 +49,10 @@ class EStepOptions:
     found, so that no particle is classified by a map it is part of; poses are still searched
     and weighed within a class on the particle's own half (docs/design-notes.md,
     "Classes judged on the other half").
+    ``random_class_seed``: instead of weighing classes, put each particle into one class drawn
+    at random (uniformly, from the seed and the particle's index in the store, so the draw
+    does not depend on how the particles are chunked), marginalised over that class's poses:
+    RELION's random subsets, the first iteration of K classes started from one map.
     """
 
     n_classes: int = 1
@@ -59,6 +63,7 @@ class EStepOptions:
     log_class_prior: tuple | None = None
     backprojection_max_shell: float | None = None
     cross_half_classes: bool = True
+    random_class_seed: int | None = None
 
 
 @dataclass
@@ -107,13 +112,20 @@ class _Poses:
     weight: np.ndarray  # (P,)
 
 
+def random_classes(seed: int, particle_index, n_classes: int) -> np.ndarray:
+    """A class drawn uniformly for each particle from ``seed`` and its index in the store."""
+    return np.array([np.random.default_rng([seed, int(i)]).integers(n_classes)
+                     for i in np.asarray(particle_index).ravel()], np.int64)
+
+
 def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
-                class_offsets=None, cross_errors=None) -> _Poses:
+                class_offsets=None, cross_errors=None, drawn=None) -> _Poses:
     """Weigh every particle's candidates (``found[k].candidates``) and fill ``out[rows]``.
 
     ``class_offsets`` ``(K,)``: added to class k's errors so that they are −2 log-likelihoods
     comparable across classes with different noise models (:func:`.noise.log_noise_normaliser`);
-    the reported ``error`` stays the noise-whitened error of the best pose.
+    the reported ``error`` stays the noise-whitened error of the best pose. ``drawn`` ``(B,)``:
+    a class for each particle (random subsets), replacing the class posterior.
     ``cross_errors[i][k]``: particle i's candidates of class k scored on the other half's
     reference; given, the class posterior comes from them and the poses within a class from
     the own half's errors: ``p(k, j) ∝ exp(ev_k) · exp(−E_kj/2) / Σ_j' exp(−E_kj'/2)``."""
@@ -130,8 +142,8 @@ def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
         own = class_evidence([p[2] for p in pools], log_prior)
         evidence = own if cross_errors is None else class_evidence(
             [cross_errors[i][k][:n_kept[k]] + offsets[k] for k in range(k_total)], log_prior)
-        best_class = int(np.argmax(evidence))
-        classes = range(k_total) if options.soft_classes else [best_class]
+        best_class = int(np.argmax(evidence)) if drawn is None else int(drawn[i])
+        classes = range(k_total) if options.soft_classes and drawn is None else [best_class]
         # −2 log of the joint weight: the class's evidence, then the pose within the class
         errs = np.concatenate([pools[k][2] + 2.0 * (own[k] - log_prior[k] - evidence[k])
                                for k in classes])
@@ -157,7 +169,9 @@ def _posteriors(found, options: EStepOptions, out: StepResult, rows: np.ndarray,
         out.posterior_sd_deg[row] = (float(np.sqrt(np.sum(w[same] * d * d) / np.sum(w[same])))
                                      if same.any() else 0.0)
         if k_total > 1:
-            out.class_id[row], out.class_weight[row] = best_class, softmax(evidence)
+            out.class_id[row] = best_class
+            out.class_weight[row] = (softmax(evidence) if drawn is None
+                                     else np.eye(k_total)[best_class])
     poses = _Poses(*(np.concatenate(parts[f]) for f in ("particle", "class_id", "rotation",
                                                           "origin_px", "weight")))
     # one slice per (particle, class, rotation): its poses at several origins become adjacent
@@ -250,13 +264,15 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         pruned = sum(r.pruning.sum(axis=0) for r in found)
         out.pruning = pruned if out.pruning is None else out.pruning + pruned
         cross = None
-        if options.cross_half_classes and k_total > 1:
+        if options.cross_half_classes and k_total > 1 and options.random_class_seed is None:
             other = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
                      for k in range(k_total)]
             cross = [[pose_errors(references[2 * k + 1 - h], other[k], i,
                                   *found[k].candidates[i][:2], params.r_align)
                       for k in range(k_total)] for i in range(sel_host.size)]
-        poses = _posteriors(found, options, out, sel_host, offsets, cross)
+        drawn = (None if options.random_class_seed is None or k_total == 1 else
+                 random_classes(options.random_class_seed, first_index + sel_host, k_total))
+        poses = _posteriors(found, options, out, sel_host, offsets, cross, drawn)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
         x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]
         for k in range(k_total):

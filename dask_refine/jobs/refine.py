@@ -58,7 +58,8 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
                          publish_iteration, read_state)
 
 HALVES = ("A", "B")
-RESUME_KEYS = ("store", "initial_map", "soft_classes", "cross_half_classes", "non_uniform",
+RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_classes",
+               "non_uniform",
                "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "max_global_level",
@@ -104,7 +105,10 @@ class RefineConfig:
     have started (or with ``local_search`` off), or after ``max_iterations``.
 
     Heterogeneous Refinement: ``initial_map`` is a tuple of K maps (one class each, normalised
-    to the particles' greyscale separately); every particle is searched against every class;
+    to the particles' greyscale separately), or one map and ``n_classes`` = K: every class
+    starts from that map, and the first iteration puts each particle into a random class
+    (RELION's random subsets; seed ``random_seed``) so that the classes can diverge; every
+    particle is searched against every class;
     ``soft_classes`` (the default): backprojected into each class over its poses with the joint
     posterior over classes and poses, class priors the last iteration's class fractions; else
     assigned to its most probable class. ``cross_half_classes`` (the default): the class
@@ -120,6 +124,8 @@ class RefineConfig:
     store: str
     initial_map: str | tuple[str, ...]
     out_dir: str
+    n_classes: int | None = None  # K classes from one initial map (None: one per map)
+    random_seed: int = 0
     soft_classes: bool = True
     cross_half_classes: bool = True
     class_change_fraction: float = 0.01
@@ -153,6 +159,12 @@ class RefineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
+        if self.n_classes is not None and self.n_classes < 1:
+            raise InputError("n_classes", f"must be at least 1, not {self.n_classes}")
+        if self.n_classes is not None and not isinstance(self.initial_map, (str, Path)) \
+                and len(self.initial_map) not in (1, self.n_classes):
+            raise InputError("initial_map", f"{len(self.initial_map)} maps for "
+                             f"{self.n_classes} classes: give one map per class, or one map")
         if self.first_level_candidates < 1:
             raise InputError("first_level_candidates",
                              f"must be at least 1, not {self.first_level_candidates}")
@@ -190,10 +202,17 @@ class State:
 
 
 def initial_maps(config: RefineConfig) -> list[str]:
-    """The initial map of each class (one for Homogeneous Refinement)."""
-    if isinstance(config.initial_map, (str, Path)):
-        return [str(config.initial_map)]
-    return [str(m) for m in config.initial_map]
+    """The initial map of each class (one for Homogeneous Refinement; ``n_classes`` copies of
+    a single map)."""
+    maps = ([str(config.initial_map)] if isinstance(config.initial_map, (str, Path))
+            else [str(m) for m in config.initial_map])
+    return maps * config.n_classes if config.n_classes and len(maps) == 1 else maps
+
+
+def _random_start(config: RefineConfig) -> bool:
+    """K classes from one map: the first iteration draws random subsets."""
+    single = isinstance(config.initial_map, (str, Path)) or len(config.initial_map) == 1
+    return bool(single and config.n_classes and config.n_classes > 1)
 
 
 def _check_inputs(config: RefineConfig, store: ParticleStore):
@@ -313,6 +332,8 @@ def _estep_options(config, state: State) -> EStepOptions:
                         soft_classes=config.soft_classes and state.n_classes > 1,
                         marginalize=config.marginalize, log_class_prior=prior,
                         cross_half_classes=config.cross_half_classes,
+                        random_class_seed=(config.random_seed if state.iteration == 0
+                                           and _random_start(config) else None),
                         backprojection_max_shell=(state.r_align if config.band_limited_reconstruction
                                                   else None))
 

@@ -294,10 +294,14 @@ def cmd_refine(args) -> int:
     from ..jobs.refine import RefineConfig, run_refine
 
     hetero = isinstance(args.initial, list)
+    if hetero and len(args.initial) == 1 and (args.classes or 0) < 2:
+        raise InputError("--initial", "one map for hetero-refine: give --classes K (K ≥ 2) "
+                         "to start K classes from it, or one map per class")
     config = RefineConfig(
         store=args.store, initial_map=tuple(args.initial) if hetero else args.initial,
         out_dir=args.out, soft_classes=not getattr(args, "hard", False),
         cross_half_classes=not getattr(args, "own_half_classes", False),
+        n_classes=getattr(args, "classes", None),
         marginalize=not args.no_marginalize, non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
@@ -426,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--hard", action="store_true",
                            help="hard class assignment: each particle to its most probable "
                            "class (default: soft, the joint posterior over classes and poses)")
+            p.add_argument("--classes", type=int, metavar="K",
+                           help="K classes from a single --initial map: the first iteration "
+                           "puts each particle into a random class (RELION's random subsets)")
             p.add_argument("--own-half-classes", action="store_true",
                            help="judge each particle's classes on its own half set's maps "
                            "(default: on the other half's, so that no particle is classified "
