@@ -46,6 +46,9 @@ def test_two_class_mixture_is_separated(mixture):
     assigned = star["rlnClassNumber"].to_numpy() - 1
     assert np.mean(assigned == truth) >= 0.95
     assert {1, 2} <= set(summary["classes"])
+    with np.load(root / "out" / "iterations" / "iter_003" / "poses.npz") as arrays:
+        sigma2 = arrays["sigma2"]  # (classes, shells): one shared model by default
+    assert sigma2.shape[0] == 2 and np.array_equal(sigma2[0], sigma2[1])
     header = (root / "out" / "iterations.csv").read_text().splitlines()[0]
     assert "class_1_particles" in header and "class_change_fraction" in header
     for k, m in ((1, map_a), (2, map_b)):
@@ -108,12 +111,17 @@ def test_soft_and_hard_assignment_agree_when_classes_are_clear(mixture):
 def test_classes_from_one_map_separate(mixture, tmp_path):
     """K = 2 classes from a single map (the structure with nothing removed): the first
     iteration draws random subsets (about half each), and the classes then diverge onto the
-    two states (measured, 2 cores shared: 51% → 57% → 71% → 80% → 83% right over the five
-    iterations, still rising; with nothing to break the tie they would stay at 50%)."""
+    two states (measured, 2 cores shared, one noise model per class: 51% → 57% → 71% → 80% →
+    83% right over the five iterations, still rising; with nothing to break the tie they would
+    stay at 50%). Run with one noise model per class, which must then differ."""
     root = mixture[0]
     run_refine(RefineConfig(store=str(root / "p.zarr"), initial_map=str(root / "a.mrc"),
                             n_classes=2, out_dir=str(tmp_path / "out"), max_iterations=5,
-                            first_level_candidates=256), log=lambda m: None)
+                            first_level_candidates=256, per_class_noise=True),
+               log=lambda m: None)
+    with np.load(tmp_path / "out" / "iterations" / "iter_005" / "poses.npz") as arrays:
+        sigma2 = arrays["sigma2"]  # one model per class, each from its own residuals
+    assert sigma2.shape[0] == 2 and not np.allclose(sigma2[0], sigma2[1], rtol=1e-6)
     rows = (tmp_path / "out" / "iterations.csv").read_text().splitlines()
     header = rows[0].split(",")
     first = dict(zip(header, rows[1].split(",")))

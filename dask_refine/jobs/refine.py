@@ -59,7 +59,7 @@ from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
 
 HALVES = ("A", "B")
 RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_classes",
-               "non_uniform",
+               "per_class_noise", "non_uniform",
                "initial_lowpass_A",
                "mask_diameter_A", "max_shift_A",
                "shift_step_px", "first_level", "max_level", "max_global_level",
@@ -114,6 +114,10 @@ class RefineConfig:
     assigned to its most probable class. ``cross_half_classes`` (the default): the class
     posterior of a particle is measured on the other half set's class references, at the poses
     its own half's search found (docs/design-notes.md, "Classes judged on the other half").
+    ``per_class_noise``: one noise model per class (each particle's residuals weighed by its
+    class posterior); off by default, one shared model as RELION's, because on classes of
+    one protein the models' estimation noise biases every particle toward the larger class
+    (docs/design-notes.md, "Per-class noise").
 
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
@@ -128,6 +132,7 @@ class RefineConfig:
     random_seed: int = 0
     soft_classes: bool = True
     cross_half_classes: bool = True
+    per_class_noise: bool = False
     class_change_fraction: float = 0.01
     marginalize: bool = True
     non_uniform: bool = False
@@ -274,7 +279,9 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
         references += [reference, reference.copy()]
         noise.append(sigma2)
     r_align = min(box / 2 - 1, lowpass_shell + config.alignment_margin_shells)
-    return State(0, references, np.stack(noise), np.ones(n), None, np.zeros((n, 2)),
+    noise = np.stack(noise) if config.per_class_noise else np.broadcast_to(
+        np.mean(noise, axis=0), (len(noise), len(noise[0]))).copy()
+    return State(0, references, noise, np.ones(n), None, np.zeros((n, 2)),
                  r_align, config.initial_lowpass_A, math.inf, 0)
 
 
@@ -508,7 +515,12 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     fraction = (per_particle["class_weight"].mean(axis=0) if config.soft_classes
                 else np.bincount(class_id, minlength=n_classes) / n) if class_id is not None \
         else None
-    new = State(state.iteration + 1, references, class_noise_models(noise_sums, noise_counts),
+    if not config.per_class_noise:  # one model, the same row for every class
+        noise_sums, noise_counts = (np.atleast_2d(noise_sums).sum(axis=0, keepdims=True),
+                                    np.atleast_2d(noise_counts).sum(axis=0, keepdims=True))
+    sigma2 = np.broadcast_to(class_noise_models(noise_sums, noise_counts),
+                             (n_classes, np.shape(noise_sums)[-1])).copy()
+    new = State(state.iteration + 1, references, sigma2,
                 renormalise_scales(scale_est), rotation,
                 np.clip(origin, -max_shift_px, max_shift_px),
                 float(min(box / 2 - 1, shell + config.alignment_margin_shells)), resolution,

@@ -302,6 +302,7 @@ def cmd_refine(args) -> int:
         out_dir=args.out, soft_classes=not getattr(args, "hard", False),
         cross_half_classes=not getattr(args, "own_half_classes", False),
         n_classes=getattr(args, "classes", None),
+        per_class_noise=getattr(args, "per_class_noise", False),
         marginalize=not args.no_marginalize, non_uniform=args.non_uniform,
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
@@ -433,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--classes", type=int, metavar="K",
                            help="K classes from a single --initial map: the first iteration "
                            "puts each particle into a random class (RELION's random subsets)")
+            p.add_argument("--per-class-noise", action="store_true",
+                           help="one noise model per class (default: one shared model; "
+                           "per-class models bias subtle classes toward the larger one)")
             p.add_argument("--own-half-classes", action="store_true",
                            help="judge each particle's classes on its own half set's maps "
                            "(default: on the other half's, so that no particle is classified "
