@@ -253,9 +253,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     for h in np.unique(groups):
         sel_host = np.flatnonzero(groups == h)
         sel = xp.asarray(sel_host)
-        found = [branch_and_bound(references[2 * k + h],
-                                  ParticleData(x[sel], ctf[sel], scale[sel_host],
-                                               class_weights[k]), params,
+        data = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
+                for k in range(k_total)]  # each class under its own noise model
+        found = [branch_and_bound(references[2 * k + h], data[k], params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
                                   prior_origin_px=prior_origin[sel],
                                   envelope=envelopes[2 * k + h]) for k in range(k_total)]
@@ -265,9 +265,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         out.pruning = pruned if out.pruning is None else out.pruning + pruned
         cross = None
         if options.cross_half_classes and k_total > 1 and options.random_class_seed is None:
-            other = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
-                     for k in range(k_total)]
-            cross = [[pose_errors(references[2 * k + 1 - h], other[k], i,
+            cross = [[pose_errors(references[2 * k + 1 - h], data[k], i,
                                   *found[k].candidates[i][:2], params.r_align)
                       for k in range(k_total)] for i in range(sel_host.size)]
         drawn = (None if options.random_class_seed is None or k_total == 1 else
