@@ -176,7 +176,7 @@ def _page_state(browser) -> dict:
 @pytest.fixture(scope="module")
 def browser_dataset(tmp_path_factory, demo_map):
     root = tmp_path_factory.mktemp("dashboard")
-    small_refine_dataset(root, demo_map, n_particles=200, chunk_size=50)
+    small_refine_dataset(root, demo_map, n_particles=120, chunk_size=40)
     return root
 
 

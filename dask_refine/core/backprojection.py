@@ -2,7 +2,8 @@
 
 A group is a half set (0 = A, 1 = B), or ``class × 2 + half`` for heterogeneous jobs. For each
 particle: ``X̂ = centred rfft(image)``, centred by translating by +shift (RELION's origin),
-then ``num[g] += s · C · X̂`` and ``wgt[g] += s² · C²`` inserted at its pose (DESIGN §3).
+then ``num[g] += s · C · X̂`` and ``wgt[g] += s² · C²`` inserted at its pose
+(docs/design.md §3).
 Sums are padded centred rffts ``(G, P, P, P//2+1)``; the kx = 0 / x = P/2 planes are completed
 only once, at reconstruction (:func:`.reconstruction.reconstruct`).
 """
@@ -70,7 +71,8 @@ class FourierSums:
 
 
 def particle_ctfs(meta: dict, box_size: int, pixel_size_A: float, xp=np):
-    """CTFs ``(N, D, D//2+1)`` float32 from per-particle metadata columns (DESIGN §2 names)."""
+    """CTFs ``(N, D, D//2+1)`` float32 from per-particle metadata columns (names:
+    docs/design.md §2)."""
     return ctf_rfft(box_size, pixel_size_A, xp=xp, **{k: meta[k] for k in CTF_PARAMETERS})
 
 

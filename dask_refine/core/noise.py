@@ -1,4 +1,4 @@
-"""Noise model σ²(|k|) per Fourier shell and the per-particle scale (DESIGN §3).
+"""Noise model σ²(|k|) per Fourier shell and the per-particle scale (docs/design.md §3).
 
 Shells are ``round(|k|)`` on the image's centred rfft, 0 … D/2; sums count Hermitian pairs
 (:func:`.fourier.rfft_multiplicity`), so a shell's power is that of the full 2-D transform.

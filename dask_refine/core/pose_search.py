@@ -1,7 +1,7 @@
 """Branch-and-bound pose search over SO(3) × shifts (Punjani et al. 2017), and exhaustive search.
 
-Error of a pose (DESIGN §3), summed over the centred-rfft pixels with ``|k| < r`` (each pixel
-counted with its Hermitian multiplicity ``m_k``) and noise weights ``w_k = 1/σ²(|k|)``:
+Error of a pose (docs/design.md §3), summed over the centred-rfft pixels with ``|k| < r`` (each
+pixel counted with its Hermitian multiplicity ``m_k``) and noise weights ``w_k = 1/σ²(|k|)``:
 
     E_r(R, o) = Σ_{|k|<r} m_k w_k |X̂_k e^{−2πi k·o/D} − s C_k Ŷ_k(R)|²
 

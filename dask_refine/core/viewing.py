@@ -1,7 +1,7 @@
 """Viewing directions of particle poses and their distribution on the sphere.
 
-Rotations ``(..., 3, 3)`` follow RELION (``Euler_angles2matrix``, DESIGN §2): a projection's
-Fourier pixel ``(x, y)`` samples the map at ``Aᵀ (x, y, 0)``, so the beam looks along
+Rotations ``(..., 3, 3)`` follow RELION (``Euler_angles2matrix``, docs/design.md §2): a
+projection's Fourier pixel ``(x, y)`` samples the map at ``Aᵀ (x, y, 0)``, so the beam looks along
 ``Aᵀ ẑ``, the third row of ``A`` = ``(sin tilt cos rot, sin tilt sin rot, cos tilt)``. Its
 azimuth is RELION's ``rlnAngleRot`` and its elevation ``90° − rlnAngleTilt`` (top views,
 tilt 0, at +90°; side views at 0°), the axes of RELION's and cryoSPARC's viewing-direction plots.

@@ -7,8 +7,9 @@ format; cryosparc-tools ``Dataset.save``), one row per particle, with cryoSPARC'
 ``alignments3D/*`` (pose, shift, psize_A, split, alpha, class). The compressed CSDAT format of
 cryosparc-tools is read too (converted by ``cryosparc.dataset.Dataset`` in a child process).
 
-Conventions (DESIGN §2; the same as pyem ``metadata/cryosparc2.py::parse_cryosparc_2_cs`` and
-cryoDRGN ``commands/parse_pose_csparc.py``, checked in tests/test_cryosparc.py):
+Conventions (docs/design.md §2; the same as pyem
+``metadata/cryosparc2.py::parse_cryosparc_2_cs`` and cryoDRGN ``commands/parse_pose_csparc.py``,
+checked in tests/test_cryosparc.py):
 
 * ``alignments3D/pose`` is a rotation vector v (unit axis × angle in radians). Its Rodrigues
   matrix exp([v]×) is the *transpose* of RELION's Euler matrix: ``A = exp([v]×)ᵀ``.

@@ -1,6 +1,7 @@
 """Simulate a particle dataset with known ground truth from a 3D map.
 
-Image model (DESIGN §1): ``X = T_{−shift}[ irfft( s · CTF · E · slice(V, R) ) ] + noise`` where
+Image model (docs/design.md §1):
+``X = T_{−shift}[ irfft( s · CTF · E · slice(V, R) ) ] + noise`` where
 ``T_{−shift}`` translates by −shift (RELION's origin convention: the particle is centred by
 translating by +shift), slices come from the engine's Fourier-slice projector, ``E`` is an
 optional undeclared envelope and the noise is Gaussian, white by default. ``snr`` is the ratio of

@@ -1,6 +1,6 @@
 """The particle store: a Zarr v3 group with the image stack and per-particle metadata.
 
-Layout (DESIGN §4)::
+Layout (docs/design.md §4)::
 
     store.zarr/
       images            (N, D, D) float32, chunked (chunk_size, D, D)
@@ -12,7 +12,7 @@ Layout (DESIGN §4)::
       star/             the original STAR particle columns, kept for a lossless export
     attributes: format, format_version, pixel_size_A, box_size, n_particles, optics, provenance
 
-``rotation`` holds RELION matrices (DESIGN §2); ``shift_A`` holds RELION's origin
+``rotation`` holds RELION matrices (docs/design.md §2); ``shift_A`` holds RELION's origin
 (rlnOriginXAngst, rlnOriginYAngst): the particle is centred by translating the image by +shift.
 Stores are opened read-only by jobs; the input is never modified.
 

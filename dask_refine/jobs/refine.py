@@ -1,10 +1,11 @@
 """Homogeneous Refinement: gold-standard EM over poses, shifts and per-particle scales.
 
-Per iteration (DESIGN §3): broadcast both half references once; map branch-and-bound pose search
-+ backprojection over the chunks and tree-reduce the sums per half; reconstruct the half maps,
-their FSC and resolution; regularise each half by the SSNR its FSC implies (the next references);
-update the noise model and the scales; align the next iteration up to the resolution plus a
-margin. Stops when the resolution has not improved for ``patience`` iterations, or after
+Per iteration (docs/design.md §3): broadcast both half references once; map branch-and-bound pose
+search + marginalised backprojection over the chunks and tree-reduce the sums per half; reconstruct
+the half maps, their FSC and resolution; regularise each half by the SSNR its FSC implies (the
+next references); update the noise model and the scales; align the next iteration up to the
+resolution plus a margin. Stops when resolution, pose changes (and class changes) have stalled
+for ``patience`` iterations (RELION auto-refine's rule, :class:`RefineConfig`), or after
 ``max_iterations``. The output folder is the checkpoint (:mod:`.checkpoint`).
 
 Outputs at the top of ``out_dir``: ``map.mrc`` (FSC-Wiener-regularised full map), ``half_A.mrc``,

@@ -1,4 +1,5 @@
-"""Map a backprojection over particle chunks and tree-reduce the Fourier sums (DESIGN §4).
+"""Map a backprojection over particle chunks and tree-reduce the Fourier sums
+(docs/design.md §4).
 
 Graph shape: the image stack is read from Zarr chunk by chunk by tasks on the workers, each
 chain at most one chunk ahead of its backprojection; chunks are dealt to ``n_chains`` accumulation chains (a task adds one chunk to the sums it got from the

@@ -1,4 +1,4 @@
-"""Live refinement pages inside the Dask dashboard (DESIGN §6).
+"""Live refinement pages inside the Dask dashboard (docs/design.md §6).
 
 The scheduler's dashboard is a Bokeh server whose pages are the module-level dict
 ``distributed.dashboard.scheduler.applications``. Importing this module adds two routes there:
