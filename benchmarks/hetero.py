@@ -67,6 +67,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from peers import relion_label, relion_program  # noqa: E402
 from refine import fsc_truth, run_ours  # noqa: E402  (the homogeneous benchmark's helpers)
 
 MAP = HERE.parent / "dask_refine" / "data" / "1tii_64_2.0.mrc"
@@ -251,8 +252,10 @@ def estimated_map_ceiling(store, px: float, labels, folds: int = 2,
     return classification(np.argmin(errors, axis=1), labels)
 
 
-def relion_class3d(star: Path, refs, out: Path, px: float, box: int, timeout_s: float):
-    """RELION 3.1 Class3D, K = len(refs), 3 MPI ranks × 1 thread; stopped after ``timeout_s``."""
+def relion_class3d(star: Path, refs, out: Path, px: float, box: int, timeout_s: float,
+                   relion_bin: str | None = None):
+    """RELION Class3D, K = len(refs), 3 MPI ranks × 1 thread; stopped after ``timeout_s``;
+    RELION from ``relion_bin`` or ``PATH`` (:func:`peers.relion_program`)."""
     import os
     import signal
 
@@ -263,7 +266,8 @@ def relion_class3d(star: Path, refs, out: Path, px: float, box: int, timeout_s: 
     refs_star = out / "references.star"
     starfile.write({"": pd.DataFrame({"rlnReferenceImage": [str(Path(r).resolve())
                                                            for r in refs]})}, refs_star)
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3",
+           relion_program("relion_refine_mpi", relion_bin),
            "--i", star.name, "--o", str(out.resolve() / "run"), "--ref", str(refs_star),
            "--ini_high", "30", "--ctf", "--particle_diameter", f"{0.8 * box * px:.1f}",
            "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
@@ -300,7 +304,7 @@ def relion_row(args, store, work: Path, a, b, px, labels):
     truth's FSC against its better class map."""
     if args.skip_relion:
         return None
-    if not (shutil.which("relion_refine_mpi") and shutil.which("mpirun")):
+    if not (relion_program("relion_refine_mpi", args.relion_bin) and shutil.which("mpirun")):
         print("relion_refine_mpi/mpirun not found: run benchmarks/install_peers.sh; "
               "skipping RELION")
         return None
@@ -309,7 +313,7 @@ def relion_row(args, store, work: Path, a, b, px, labels):
     star = work / "relion_in" / "particles.star"
     export_star(store, star)
     rel = relion_class3d(star, [work / "map_a.mrc", work / "map_b.mrc"], work / "relion",
-                         px, a.shape[0], 60 * args.relion_timeout_min)
+                         px, a.shape[0], 60 * args.relion_timeout_min, args.relion_bin)
     if "class_number" in rel:
         cls = rel.pop("class_number")
         rel.update(classification(cls, labels))
@@ -351,7 +355,7 @@ def case_hetero(args, work: Path) -> dict:
             for k, t in ((1, a), (2, b))]}
     rel = None if args.ceilings_only else relion_row(args, store, work, a, b, px, labels)
     if rel is not None:
-        rows["RELION 3.1 Class3D"] = rel
+        rows[f"{relion_label(args.relion_bin)} Class3D"] = rel
     print(f"\nHeterogeneous: 2 classes, box {box}, {args.n} particles, SNR {args.snr:g}, "
           f"{args.workers} cores")
     print_classes(rows, per_state=False)
@@ -571,7 +575,7 @@ def case_conformational(args, work: Path):
         rows[name] = row
     rel = None if args.ceilings_only else relion_row(args, store, work, a, b, px, labels)
     if rel is not None:
-        rows["RELION 3.1 Class3D"] = rel
+        rows[f"{relion_label(args.relion_bin)} Class3D"] = rel
     oracle = oracle_classification(store, (a, b), px, labels)
     ceiling = estimated_map_ceiling(store, px, labels)
     marginal = pose_marginalised_oracle(store, (a, b), px, labels)
@@ -638,6 +642,9 @@ def main():
     p.add_argument("--max-iterations", type=int, default=10)
     p.add_argument("--skip-relion", action="store_true")
     p.add_argument("--relion-timeout-min", type=float, default=15.0)
+    p.add_argument("--relion-bin", default=None, metavar="DIR",
+                   help="RELION's binaries from DIR (e.g. benchmarks/.peers/relion5/bin) instead "
+                   "of PATH (Debian's RELION 3.1)")
     p.add_argument("--work", default=str(HERE / "results" / "hetero"))
     conf = p.add_argument_group("--case conformational")
     conf.add_argument("--map", default=str(MAP),

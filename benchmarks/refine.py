@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peers import relion_label, relion_program
+
 HERE = Path(__file__).resolve().parent
 #: The realistic case's nuisances (``SimulationConfig`` fields, docs/design-notes.md).
 REALISTIC = {"junk_fraction": 0.1, "preferred_view_fraction": 0.3,
@@ -74,8 +76,10 @@ def run_ours(store_path, initial, out, n_workers, max_iterations, **options):
     return summary
 
 
-def run_relion(star, initial, out, px, box, mask_diameter_A, threads, timeout_s=None):
-    """RELION 3.1 auto-refine (MPI with 3 ranks when available: 1 leader + 2 followers).
+def run_relion(star, initial, out, px, box, mask_diameter_A, threads, timeout_s=None,
+               relion_bin=None):
+    """RELION auto-refine (MPI with 3 ranks when available: 1 leader + 2 followers); RELION
+    from ``relion_bin`` or ``PATH`` (:func:`peers.relion_program`).
 
     With ``timeout_s`` the run is stopped after that long and its last finished iteration is
     reported (``converged: False``), the way the issue's scale note reports RELION on 2 cores.
@@ -92,9 +96,10 @@ def run_relion(star, initial, out, px, box, mask_diameter_A, threads, timeout_s=
             "--offset_step", "2", "--sym", "C1", "--low_resol_join_halves", "40", "--norm",
             "--scale", "--pad", "2", "--firstiter_cc", "--dont_combine_weights_via_disc",
             "--pool", "30", "--j", str(threads)]
-    mpi = shutil.which("mpirun") and shutil.which("relion_refine_mpi")
-    cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi"]
-           if mpi else ["relion_refine"]) + args
+    mpi_program = relion_program("relion_refine_mpi", relion_bin)
+    mpi = shutil.which("mpirun") and mpi_program
+    cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", mpi_program]
+           if mpi else [relion_program("relion_refine", relion_bin)]) + args
     t0 = time.perf_counter()
     # RELION resolves rlnImageName relative to its working folder (the project folder)
     with open(out / "stdout.txt", "w") as log:
@@ -194,6 +199,9 @@ def main():
     p.add_argument("--skip-exhaustive", action="store_true")
     p.add_argument("--relion-timeout-min", type=float, default=None,
                    help="stop RELION after this many minutes and report its last iteration")
+    p.add_argument("--relion-bin", default=None, metavar="DIR",
+                   help="RELION's binaries from DIR (e.g. benchmarks/.peers/relion5/bin, built by "
+                   "install_peers.sh --relion5-source) instead of PATH (Debian's RELION 3.1)")
     p.add_argument("--work", default=str(HERE / "results" / "refine"))
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--low-snr", action="store_true",
@@ -297,14 +305,16 @@ def main():
         rows["bnb_vs_exhaustive"] = bnb_vs_exhaustive(store, work / "ours", ours, px,
                                                       particles=keep)
     if not args.skip_relion:
-        if shutil.which("relion_refine") is None:
+        if relion_program("relion_refine", args.relion_bin) is None:
             print("relion_refine not found: run benchmarks/install_peers.sh; skipping RELION")
         else:
             star = work / "relion_in" / "particles.star"
             export_star(store, star)  # no poses: the simulated store holds none at top level
             # 3 MPI ranks (1 leader + 2 followers) × 1 thread: 2 compute threads on 2 cores
             timeout = None if args.relion_timeout_min is None else 60 * args.relion_timeout_min
-            rel = run_relion(star, initial, work / "relion", px, box, 0.8 * box * px, 1, timeout)
+            rel = run_relion(star, initial, work / "relion", px, box, 0.8 * box * px, 1, timeout,
+                             relion_bin=args.relion_bin)
+            rel["program"] = relion_label(args.relion_bin)
             if rel.get("map"):
                 from dask_refine.core.rotations import euler_to_matrix
                 import starfile
