@@ -159,7 +159,7 @@ def pose_marginalised_oracle(store, maps, px: float, labels, level: int = 6,
     from dask_refine.core.refine_step import EStepOptions, refine_particles
     from dask_refine.io.store import CTF_COLUMNS, GROUND_TRUTH
 
-    box, n = store.info.box_size, labels.size
+    box = store.info.box_size
     band = band_px or 0.375 * box
     rows = np.r_[np.flatnonzero(labels == 0)[:sample // 2],
                  np.flatnonzero(labels == 1)[:sample // 2]]
@@ -681,8 +681,8 @@ def main():
     else:
         rows = case_hetero(args, work) if args.case == "hetero" else case_nu(args, work)
     print(f"total {time.perf_counter() - t0:.0f} s (simulation, refinement, scoring)")
-    out = HERE / "results" / (f"hetero_{args.case}"
-                              f"{'_ceilings' if getattr(args, 'ceilings_only', False) else ''}.json")
+    suffix = "_ceilings" if getattr(args, "ceilings_only", False) else ""
+    out = HERE / "results" / f"hetero_{args.case}{suffix}.json"
     out.write_text(json.dumps({"args": vars(args), **extra, "rows": rows}, indent=2,
                               default=str))
 

@@ -60,9 +60,10 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake = tmp_path / "dask_refine"
     for layer in ("core", "io"):
         (fake / layer).mkdir(parents=True)
-    (fake / "core" / "bad.py").write_text("from ..io.store import ParticleStore\nimport dask.array\n"
-                                          "from . import fourier\n")
-    (fake / "io" / "bad.py").write_text("from dask_refine.jobs import refine\nfrom ..core import ctf\n")
+    (fake / "core" / "bad.py").write_text(
+        "from ..io.store import ParticleStore\nimport dask.array\nfrom . import fourier\n")
+    (fake / "io" / "bad.py").write_text(
+        "from dask_refine.jobs import refine\nfrom ..core import ctf\n")
     assert violations(fake, "core") == ["core/bad.py imports dask_refine.io.store",
                                         "core/bad.py imports dask.array"]
     assert violations(fake, "io") == ["io/bad.py imports dask_refine.jobs"]
