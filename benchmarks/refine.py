@@ -328,7 +328,7 @@ def main():
                 rel["median_angular_error_deg"] = float(np.median(rel_err))
                 rel["p90_angular_error_deg"] = float(np.percentile(rel_err, 90))
                 rel["flipped_fraction"] = float(np.mean(rel_err > 20))
-            rows["relion_3.1_autorefine"] = rel
+            rows["relion_autorefine"] = rel
 
     case = "realistic, " if args.realistic else ""
     print(f"\nHomogeneous Refinement, {case}box {box}, {args.n} particles, SNR {args.snr:g}, "
@@ -338,9 +338,9 @@ def main():
               f"{int(keep.sum())} others")
     print(f"{'method':24s} {'gold-std Å':>10s} {'truth@0.5 Å':>11s} {'ang err °':>9s} "
           f"{'p90 °':>7s} {'>20° %':>6s} {'iters':>5s} {'wall s':>8s} {'converged':>9s}")
-    for name in ("known_poses", "oracle", "dask_refine", "dask_refine_hard",
-                 "relion_3.1_autorefine"):
-        r = rows.get(name)
+    for key in ("known_poses", "oracle", "dask_refine", "dask_refine_hard", "relion_autorefine"):
+        r = rows.get(key)
+        name = f"{r['program']} auto-refine" if r and "program" in r else key
         if not r or "error" in r:
             if r:
                 print(f"{name:24s} failed: {r['error'][-200:]}")
