@@ -353,7 +353,7 @@ def case_hetero(args, work: Path) -> dict:
         "wall_s": wall, "class_fsc_truth_05_A": [
             fsc_truth(work / "ours" / f"class_{k:03d}" / "map.mrc", t, px)
             for k, t in ((1, a), (2, b))]}
-    rel = None if args.ceilings_only else relion_row(args, store, work, a, b, px, labels)
+    rel = relion_row(args, store, work, a, b, px, labels)
     if rel is not None:
         rows[f"{relion_label(args.relion_bin)} Class3D"] = rel
     print(f"\nHeterogeneous: 2 classes, box {box}, {args.n} particles, SNR {args.snr:g}, "
@@ -681,7 +681,7 @@ def main():
     else:
         rows = case_hetero(args, work) if args.case == "hetero" else case_nu(args, work)
     print(f"total {time.perf_counter() - t0:.0f} s (simulation, refinement, scoring)")
-    suffix = "_ceilings" if getattr(args, "ceilings_only", False) else ""
+    suffix = "_ceilings" if args.ceilings_only else ""
     out = HERE / "results" / f"hetero_{args.case}{suffix}.json"
     out.write_text(json.dumps({"args": vars(args), **extra, "rows": rows}, indent=2,
                               default=str))
