@@ -542,10 +542,12 @@ def case_conformational(args, work: Path):
 
     import starfile
 
-    variants = [] if args.ceilings_only else [("dask_refine hetero-refine", "ours", {})]
+    chosen = ({} if args.alignment_folds is None
+              else {"alignment_folds": args.alignment_folds})
+    variants = [] if args.ceilings_only else [("dask_refine hetero-refine", "ours", chosen)]
     if args.compare_hard and not args.ceilings_only:
         variants.append(("dask_refine hetero-refine --hard", "ours_hard",
-                         {"soft_classes": False}))
+                         {**chosen, "soft_classes": False}))
     for name, folder, options in variants:
         out = work / folder
         summary = run_ours(work / "particles.zarr", [work / "map_a.mrc", work / "map_b.mrc"],
@@ -660,6 +662,8 @@ def main():
                       help="soft edge of the domain mask, px (default 3)")
     conf.add_argument("--compare-hard", action="store_true",
                       help="also run hetero-refine --hard")
+    conf.add_argument("--alignment-folds", type=int, default=None, metavar="F",
+                      help="the job's alignment_folds (default: the job's default)")
     conf.add_argument("--ceilings-only", action="store_true",
                       help="simulate and print only what the case allows (the oracles and the "
                       "other-half ceiling), no refinement: minutes instead of an hour")

@@ -215,6 +215,8 @@ def main():
     p.add_argument("--compare-hard", action="store_true",
                    help="also refine with marginalize=False")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alignment-folds", type=int, default=None, metavar="F",
+                   help="the job's alignment_folds (default: the job's default)")
     args = p.parse_args()
     n_default, nuisances = 2000, {}
     if args.low_snr or args.realistic:
@@ -267,10 +269,13 @@ def main():
                           "n_sample": int(oracle["rows"].size), "r_align": oracle["r_align"]}
     import csv
 
-    variants = [("dask_refine", {})] + ([("dask_refine_hard", {"marginalize": False})]
-                                        if args.compare_hard else [])
+    chosen = ({} if args.alignment_folds is None
+              else {"alignment_folds": args.alignment_folds})
+    variants = [("dask_refine", chosen)] + ([("dask_refine_hard",
+                                              {**chosen, "marginalize": False})]
+                                            if args.compare_hard else [])
     for name, options in variants:
-        folder = work / ("ours" if not options else "ours_hard")
+        folder = work / ("ours" if name == "dask_refine" else "ours_hard")
         ours = run_ours(work / "particles.zarr", initial, folder, args.workers,
                         args.max_iterations, **options)
         it = folder / "iterations" / f"iter_{ours['iterations']:03d}"

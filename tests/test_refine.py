@@ -147,3 +147,36 @@ def test_stays_global_while_particles_still_jump_far():
     # at the switch the reach covers the local range, and at least 1.5 cells of the grid
     assert far_jump_reach_deg(2.0, 5) == pytest.approx(6.0)
     assert far_jump_reach_deg(0.5, 5) == pytest.approx(1.5 * 1.875)
+
+
+def test_local_sampling_goes_no_finer_than_the_poses_are_known():
+    """RELION's rule for finer sampling: a local search's last level is the coarsest whose
+    spacing is below 0.75 × the angular accuracy, even where the resolution asks for more;
+    global searches and sharper posteriors are not held back by it."""
+    from dask_refine.jobs.refine import State, _search_params, fine_enough_level
+
+    config = RefineConfig(store="s", initial_map="m.mrc", out_dir="o")
+    n = 10
+
+    def state(accuracy, r_align=30.0, local=True):
+        return State(6, [], np.ones(33), np.ones(n), np.tile(np.eye(3), (n, 1, 1)),
+                     np.zeros((n, 2)), r_align, 5.0, 5.0, 0, local=local, level=5,
+                     pose_change_deg=0.5 if local else 10.0, pose_change_sampling_deg=1.875,
+                     angular_accuracy_deg=accuracy, far_jump_fraction=0.0)
+
+    # the resolution alone (shell 30 of box 64, radius 25 px) would search to level 6
+    assert _search_params(config, state(0.5), 64, 25.0, 6.0).last_level == 6
+    for accuracy in (3.2, 2.6):  # 1.875° < 0.75 × accuracy ≤ 3.75°: level 5 is fine enough
+        params = _search_params(config, state(accuracy), 64, 25.0, 6.0)
+        assert params.local and params.last_level == 5
+        assert so3_grid_spacing(5) < 0.75 * accuracy <= so3_grid_spacing(4)
+    assert fine_enough_level(2.0) == 6 and fine_enough_level(0.5) == 8
+    # global searches keep their own limit (max_global_level)
+    params = _search_params(config, state(20.0, local=False), 64, 25.0, 6.0)
+    assert not params.local and params.last_level == 5
+
+
+def so3_grid_spacing(level):
+    from dask_refine.core import so3_grid
+
+    return so3_grid.spacing_deg(level)

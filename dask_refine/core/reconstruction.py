@@ -80,3 +80,33 @@ def reconstruct(data_sum, weight_sum, box_size: int, ssnr=None, complete_planes:
     if mask_outside:
         volume = soft_mask_outside_map(volume)
     return (volume / gridding_correction(box_size, pad, xp)).astype(xp.float32)
+
+
+def fold_out_references(data_folds, weight_folds, box_size: int, ssnr) -> list:
+    """One reference per fold, each reconstructed from every fold *but* its own.
+
+    ``data_folds``, ``weight_folds``: ``(F, P, P, P//2+1)`` Hermitian-completed sums of one half
+    set split into F ≥ 2 folds; ``ssnr``: the half set's per-shell SSNR (from its FSC). A
+    particle of fold f is then aligned against reference f, which it is not part of: the
+    reference holds no copy of its own noise (docs/design-notes.md, "Leaving the particle's
+    fold out"). Each is regularised with the half map's ``λ(shell) = ⟨wgt⟩/SSNR``: the SSNR
+    of a reconstruction grows with the weight it holds, so ``⟨wgt⟩/SSNR`` is the same for the
+    half and for any part of it, and the fold-out references are the half map's Wiener filter
+    applied to less data.
+    """
+    data_folds, weight_folds = list(data_folds), list(weight_folds)
+    if len(data_folds) < 2:
+        raise ValueError(f"fold-out references need at least 2 folds, not {len(data_folds)}")
+    half_mean = shell_mean_weight(sum(weight_folds[1:], weight_folds[0]), box_size)
+    ssnr = np.asarray(ssnr, np.float64)[:half_mean.size]
+    references = []
+    for f in range(len(data_folds)):
+        # summed from the other folds (not the half less fold f: float rounding would leave
+        # a trace of fold f's own data in it)
+        rest = [g for g in range(len(data_folds)) if g != f]
+        rest_d = sum((data_folds[g] for g in rest[1:]), data_folds[rest[0]])
+        rest_w = sum((weight_folds[g] for g in rest[1:]), weight_folds[rest[0]])
+        ratio = shell_mean_weight(rest_w, box_size) / np.maximum(half_mean, 1e-30)
+        references.append(reconstruct(rest_d, rest_w, box_size, ssnr=ssnr * ratio,
+                                      complete_planes=False))
+    return references

@@ -53,6 +53,11 @@ class EStepOptions:
     at random (uniformly, from the seed and the particle's index in the store, so the draw
     does not depend on how the particles are chunked), marginalised over that class's poses:
     RELION's random subsets, the first iteration of K classes started from one map.
+    ``alignment_folds`` F: each half set is split into F folds, and a particle is searched
+    against its half's reference rebuilt *without its fold* (so without itself: no self-term,
+    docs/design-notes.md, "Leaving the particle's fold out"); references, envelopes and sums
+    are then indexed ``(class · 2 + half) · F + fold`` and ``groups`` is ``half · F + fold``.
+    F = 1: one reference per half (and class) that holds every particle of the half.
     """
 
     n_classes: int = 1
@@ -64,6 +69,7 @@ class EStepOptions:
     backprojection_max_shell: float | None = None
     cross_half_classes: bool = True
     random_class_seed: int | None = None
+    alignment_folds: int = 1
 
 
 @dataclass
@@ -203,8 +209,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
 
     ``meta``: CTF columns, ``scale (B,)`` (current scales, used for search and backprojection),
     ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors).
-    ``groups`` ``(B,)``: the half set of each particle; references and sums are indexed
-    ``class · 2 + half``. With ``options.n_classes`` > 1 every particle is searched against
+    ``groups`` ``(B,)``: the half set of each particle (``half · F + fold`` with
+    ``options.alignment_folds`` F > 1); references, envelopes and sums are indexed
+    ``class · 2 + half`` (``(class · 2 + half) · F + fold``). With ``options.n_classes`` > 1 every particle is searched against
     every class (:class:`EStepOptions` says how classes and poses are weighed).
     ``noise_weight``: ``1/σ²`` on the rfft grid, ``(D, H)`` shared by all classes or
     ``(K, D, H)`` one noise model per class; with per-class models the class posteriors
@@ -250,22 +257,27 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     if noise_weight.ndim == 3 and k_total > 1:
         sel_band, _, _, mult = band_pixels(box, 0.0, params.r_align)
         offsets = [log_noise_normaliser(w, (sel_band, mult)) for w in class_weights]
-    for h in np.unique(groups):
-        sel_host = np.flatnonzero(groups == h)
+    folds = max(1, int(options.alignment_folds))
+    for g in np.unique(groups):
+        h, f = divmod(int(g), folds)
+        # class k's reference and sums for this half and fold, and the other half's reference
+        own_group = [(2 * k + h) * folds + f for k in range(k_total)]
+        other_group = [(2 * k + 1 - h) * folds + f for k in range(k_total)]
+        sel_host = np.flatnonzero(groups == g)
         sel = xp.asarray(sel_host)
         data = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
                 for k in range(k_total)]  # each class under its own noise model
-        found = [branch_and_bound(references[2 * k + h], data[k], params,
+        found = [branch_and_bound(references[own_group[k]], data[k], params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
                                   prior_origin_px=prior_origin[sel],
-                                  envelope=envelopes[2 * k + h]) for k in range(k_total)]
+                                  envelope=envelopes[own_group[k]]) for k in range(k_total)]
         out.n_evaluations[sel_host] = sum(r.n_evaluations for r in found)
         out.capped[sel_host] = np.any([r.pruning[:, :, 2].sum(axis=1) > 0 for r in found], axis=0)
         pruned = sum(r.pruning.sum(axis=0) for r in found)
         out.pruning = pruned if out.pruning is None else out.pruning + pruned
         cross = None
         if options.cross_half_classes and k_total > 1 and options.random_class_seed is None:
-            cross = [[pose_errors(references[2 * k + 1 - h], data[k], i,
+            cross = [[pose_errors(references[other_group[k]], data[k], i,
                                   *found[k].candidates[i][:2], params.r_align)
                       for k in range(k_total)] for i in range(sel_host.size)]
         drawn = (None if options.random_class_seed is None or k_total == 1 else
@@ -276,7 +288,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         for k in range(k_total):
             mine = np.flatnonzero(poses.class_id == k)
             members = np.unique(poses.particle[mine])
-            sums.count[2 * k + h] += members.size
+            sums.count[own_group[k]] += members.size
             for j in _blocks(poses, mine, block):
                 pid, pid_d = poses.particle[j], xp.asarray(poses.particle[j])
                 # runs of poses that share a particle and a rotation: one slice, one insertion
@@ -286,7 +298,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                 run_of = np.cumsum(new_run) - 1
                 centred = translate_rfft(x_h[pid_d], poses.origin_px[j])
                 model = (ctf_h[pid_d] * extract_central_slices_rfft(
-                    references[2 * k + h], poses.rotation[j][starts], box)[xp.asarray(run_of)])
+                    references[own_group[k]], poses.rotation[j][starts], box)[xp.asarray(run_of)])
                 w = poses.weight[j]
                 t_num, t_den = scale_terms(centred, model, class_weights[k], scale_max_shell)
                 np.add.at(num, pid, w * t_num)
@@ -301,8 +313,8 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                 sc = (xp.asarray(s_h[pid[starts]]).reshape(-1, 1, 1)
                       * ctf_h[xp.asarray(pid[starts])]).astype(xp.float32)
                 insert_central_slices_rfft((data_runs * sc).astype(xp.complex64), sc * sc * w_runs,
-                                           poses.rotation[j][starts], sums.data[2 * k + h],
-                                           sums.weight[2 * k + h],
+                                           poses.rotation[j][starts], sums.data[own_group[k]],
+                                           sums.weight[own_group[k]],
                                            r_max=options.backprojection_max_shell)
         out.scale_estimate[sel_host] = scale_from_terms(num, den)
     return out

@@ -159,9 +159,11 @@ def fetch_checkpoint(out: OutputFolder, resume: bool) -> None:
                                 .as_posix()))
 
 
-def check_resumable(out: OutputFolder, config: dict, resume: bool, keys) -> list[int]:
+def check_resumable(out: OutputFolder, config: dict, resume: bool, keys,
+                    legacy: dict | None = None) -> list[int]:
     """Iterations to resume from; refuse a non-empty folder without ``resume`` or with a different
-    configuration (compared on ``keys``). ``out``'s checkpoint must be fetched first."""
+    configuration (compared on ``keys``; ``legacy``: the value a key had in runs saved before
+    it existed). ``out``'s checkpoint must be fetched first."""
     done = completed_iterations(out.local)
     saved = out.local / "config.json"
     if not resume:
@@ -172,7 +174,8 @@ def check_resumable(out: OutputFolder, config: dict, resume: bool, keys) -> list
     if not saved.exists():
         return done
     old = json.loads(saved.read_text())
-    changed = [k for k in keys if old.get(k) != config.get(k)]
+    legacy = legacy or {}
+    changed = [k for k in keys if old.get(k, legacy.get(k)) != config.get(k)]
     if changed:
         raise InputError(out.name(saved), f"the run there used different {', '.join(changed)}; "
                          "resume needs the same settings")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backprojection import CTF_PARAMETERS, particle_ctfs
+from ..core.backprojection import CTF_PARAMETERS, FourierSums, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
 from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
@@ -39,7 +39,7 @@ from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_eva
                                 search_levels)
 from ..core.refine_step import EStepOptions
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
-from ..core.reconstruction import reconstruct
+from ..core.reconstruction import fold_out_references, reconstruct
 from ..core.rotations import angular_distance_deg
 from ..io.cryosparc import export_cs
 from ..io.errors import InputError
@@ -66,7 +66,12 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "shift_step_px", "first_level", "max_level", "max_global_level",
                "first_level_candidates", "local_search",
                "min_global_iterations", "max_far_jump_fraction", "marginalize", "use_ctf", "pad",
-               "alignment_margin_shells", "band_limited_reconstruction", "symmetry")
+               "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
+               "alignment_folds")
+#: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
+ALIGNMENT_REFERENCES = "alignment_references.npy"
+#: What a checkpoint written before a resume key existed ran with.
+LEGACY_SETTINGS = {"alignment_folds": 1}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -77,6 +82,9 @@ POSTERIOR_WINDOW = float(2.0 * np.log(1e4))
 #: A local search covers ± this many times the particles' current angular accuracy (the
 #: median posterior spread), as RELION's local searches cover ±3σ of their prior.
 LOCAL_RANGE_SIGMAS = 3.0
+#: Local searches go no finer than the first level whose spacing is below this fraction of the
+#: angular accuracy (RELION auto-refine's 0.75, :func:`fine_enough_level`).
+FINE_ENOUGH = 0.75
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ class RefineConfig:
     max_level: int = 8
     max_global_level: int = 5  # global searches stop at 1.9°; finer sampling is searched locally
     first_level_candidates: int = 8192  # survivors of a global search's first (15°) level
+    alignment_folds: int = 1  # 1: each particle is aligned against a half map holding it
     local_search: bool = True
     min_global_iterations: int = 2
     # stay global while more than this share of the particles moved, decisively, farther than
@@ -171,6 +180,8 @@ class RefineConfig:
                 and len(self.initial_map) not in (1, self.n_classes):
             raise InputError("initial_map", f"{len(self.initial_map)} maps for "
                              f"{self.n_classes} classes: give one map per class, or one map")
+        if self.alignment_folds < 1:
+            raise InputError("alignment_folds", f"must be at least 1, not {self.alignment_folds}")
         if self.first_level_candidates < 1:
             raise InputError("first_level_candidates",
                              f"must be at least 1, not {self.first_level_candidates}")
@@ -201,6 +212,9 @@ class State:
     # share of the particles whose pose moved farther than a local search reaches
     far_jump_fraction: float = 1.0
     class_fraction: np.ndarray | None = None  # (K,) mean class posterior (the next priors)
+    # (2K·F) references each particle is searched against, index (class · 2 + half) · F + fold:
+    # its half's map without its fold (None: the half maps themselves)
+    alignment_references: list | None = None
 
     @property
     def n_classes(self) -> int:
@@ -241,6 +255,19 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
         if not store.has_column(name):
             raise InputError(f"{store.path}/{name}", "required column is missing")
     return volumes
+
+
+def alignment_folds(half_set, folds: int) -> np.ndarray:
+    """Each particle's fold within its half set: the half's particles, in store order, cut into
+    ``folds`` runs of equal size (a chunk of the store then mostly holds one fold, and the
+    folds do not depend on how many halves' particles come first). Fold f of a half is left
+    out of the reference its particles are aligned against."""
+    half_set = np.asarray(half_set)
+    fold = np.zeros(half_set.size, np.int64)
+    for h in np.unique(half_set):
+        rows = np.flatnonzero(half_set == h)
+        fold[rows] = np.arange(rows.size) * folds // rows.size
+    return fold
 
 
 def _particle_mask(config: RefineConfig, box: int, px: float) -> np.ndarray:
@@ -310,6 +337,8 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
     if config.local_search and not local:  # as RELION's auto_local_healpix_order: finer
         # grids are searched locally (--global-only searches every level globally)
         last = min(last, max(config.max_global_level, config.first_level))
+    if local:  # and no finer than the poses are known (RELION's updateAngularSampling)
+        last = min(last, max(config.first_level, fine_enough_level(state.angular_accuracy_deg)))
     first = min(config.first_level, last)
     # the coarsest level whose ±1.5 cells still cover ±3σ: spacing(l) ≥ 2σ (σ/1.5 · 3)
     wide = 2.0 * LOCAL_RANGE_SIGMAS / 3.0 * max(state.angular_accuracy_deg, 1e-3)
@@ -322,6 +351,19 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
                         first_level_candidates=config.first_level_candidates,
                         local=local, local_level=local_level, symmetry=config.symmetry,
                         posterior_window=POSTERIOR_WINDOW if config.marginalize else 0.0)
+
+
+def fine_enough_level(angular_accuracy_deg: float) -> int:
+    """The coarsest grid level whose spacing is below ``FINE_ENOUGH`` × the particles'
+    angular accuracy (the median posterior spread): RELION's auto-refine makes its sampling
+    finer only while the step is at least 0.75 × the estimated accuracy. A finer grid adds
+    poses inside the posterior, not information, and once the posterior holds more grid poses
+    than the search keeps (its final candidates, the E-step's significant poses) it is cut:
+    the reconstruction then sees a posterior narrower than the particle's."""
+    level = 0
+    while so3_grid.spacing_deg(level) >= FINE_ENOUGH * angular_accuracy_deg:
+        level += 1
+    return level
 
 
 def far_jump_reach_deg(angular_accuracy_deg: float, level: int) -> float:
@@ -343,7 +385,8 @@ def _estep_options(config, state: State) -> EStepOptions:
                         random_class_seed=(config.random_seed if state.iteration == 0
                                            and _random_start(config) else None),
                         backprojection_max_shell=(state.r_align if config.band_limited_reconstruction
-                                                  else None))
+                                                  else None),
+                        alignment_folds=config.alignment_folds)
 
 
 def outlier_fraction(log_likelihood) -> float:
@@ -384,6 +427,8 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
                                       "fsc": curve.tolist()})
     classes = {} if state.class_id is None else {"class_id": state.class_id,
                                                  "class_fraction": state.class_fraction}
+    if state.alignment_references is not None:  # what the next iteration aligns against
+        np.save(folder / ALIGNMENT_REFERENCES, np.stack(state.alignment_references))
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
              scale=state.scale,  # σ² per shell; (K, shells) with several classes
              sigma2=state.sigma2[0] if state.n_classes == 1 else state.sigma2,
@@ -407,6 +452,8 @@ def _load_state(out_dir, iteration: int) -> State:
     refs = [read_map(_class_dir(folder, k, k_total) / f"reference_{h}.mrc")[0]
             for k in range(k_total) for h in HALVES]
     sigma2 = np.atleast_2d(arrays["sigma2"])  # one row per class (older runs: one shared)
+    aligned = folder / ALIGNMENT_REFERENCES
+    aligned = list(np.load(aligned)) if aligned.exists() else None
     sigma2 = np.broadcast_to(sigma2, (k_total, sigma2.shape[-1])).copy()
     return State(js["iteration"], refs, sigma2, arrays["scale"], arrays["rotation"],
                  arrays["origin_px"], js["r_align"], js["resolution_A"],
@@ -414,6 +461,7 @@ def _load_state(out_dir, iteration: int) -> State:
                  arrays["class_id"] if "class_id" in arrays else None,
                  class_fraction=arrays["class_fraction"] if "class_fraction" in arrays else None,
                  far_jump_fraction=js.get("far_jump_fraction", 0.0),  # older checkpoints
+                 alignment_references=aligned,
                  **{k: js[k] for k in ("local", "level", "pose_change_deg",
                                        "pose_change_sampling_deg", "best_pose_change_deg",
                                        "angular_accuracy_deg")})
@@ -425,7 +473,10 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     box, px = info.box_size, info.pixel_size_A
     n_classes = state.n_classes
     params = _search_params(config, state, box, radius_px, max_shift_px)
-    prepared = [prepare_reference_rfft(r, config.pad) for r in state.references]
+    folds = config.alignment_folds
+    aligned = (state.alignment_references if state.alignment_references is not None
+               else [r for r in state.references for _ in range(folds)])
+    prepared = [prepare_reference_rfft(r, config.pad) for r in aligned]
     envelopes = [amplitude_envelope(p, box) for p in prepared]
     reliable = state.r_align - config.alignment_margin_shells
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
@@ -441,7 +492,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     if params.local:
         step_meta["rotation"] = state.rotation
     n_threads = sum(client.nthreads().values()) if client is not None else 1
-    graph = refine_graph(store.images, step_meta, groups, 2 * n_classes,
+    graph = refine_graph(store.images, step_meta, groups, 2 * n_classes * folds,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
                          split_every=config.split_every, source=str(store.path),
                          chunk_size=config.chunk_size, backend=config.cluster.backend)
@@ -472,11 +523,18 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     noise_counts = sum(step.noise_counts for _, step in results)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
-    references, per_class, resolutions = [], [], []
+    fold_sums = sums
+    if folds > 1:  # the half sets' sums, and each half's fold sums (class · 2 + half, fold)
+        shape = (2 * n_classes, folds) + sums.data.shape[1:]
+        fold_sums = (sums.data.reshape(shape), sums.weight.reshape(shape))
+        sums = FourierSums(fold_sums[0].sum(axis=1), fold_sums[1].sum(axis=1),
+                           sums.count.reshape(2 * n_classes, folds).sum(axis=1))
+    references, per_class, resolutions, alignment = [], [], [], []
     for k in range(n_classes):
         a, b = 2 * k, 2 * k + 1
         if sums.count[a] == 0 or sums.count[b] == 0:  # an empty class keeps its references
             references += state.references[a:b + 1]
+            alignment += aligned[a * folds:(b + 1) * folds]
             per_class.append(None)
             resolutions.append(math.inf)
             continue
@@ -488,11 +546,16 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         ssnr_half = ssnr_from_fsc(curve)
         refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
                             complete_planes=False) for g in (a, b)]
+        parts = ([] if folds == 1 else
+                 [r for g in (a, b) for r in fold_out_references(
+                     fold_sums[0][g], fold_sums[1][g], box, ssnr_half)])
         if config.non_uniform:
             choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolutions[-1],
                                                   mask=mask)
-            refs = [apply_local_filter(r, choice, cutoffs, px) for r in refs]
+            refs, parts = ([apply_local_filter(r, choice, cutoffs, px) for r in rs]
+                           for rs in (refs, parts))
         references += [(r * mask).astype(np.float32) for r in refs]
+        alignment += [(r * mask).astype(np.float32) for r in parts]
         full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
                            ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
         per_class.append((halves, curve, full))
@@ -532,7 +595,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                     min(state.level or params.last_level, params.last_level)),
                 best_pose_change_deg=min(changed, state.best_pose_change_deg),
                 angular_accuracy_deg=accuracy, far_jump_fraction=far,
-                class_fraction=fraction)
+                class_fraction=fraction, alignment_references=alignment if folds > 1 else None)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "local_level": params.local_level if params.local else None,
              "median_pose_change_deg": changed, "far_jump_fraction": far,
@@ -587,11 +650,12 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
     box, px = info.box_size, info.pixel_size_A
     cfg_dict = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
     fetch_checkpoint(outputs, config.resume)
-    done = check_resumable(outputs, cfg_dict, config.resume, RESUME_KEYS)
+    done = check_resumable(outputs, cfg_dict, config.resume, RESUME_KEYS, LEGACY_SETTINGS)
     write_json(out / "config.json", cfg_dict)
     outputs.publish("config.json")
     meta = store.metadata(["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else []))
-    groups = meta["half_set"].astype(np.int64)
+    groups = (meta["half_set"].astype(np.int64) * config.alignment_folds
+              + alignment_folds(meta["half_set"], config.alignment_folds))
     radius_px, max_shift_px = _geometry(config, box, px)
     mask = _particle_mask(config, box, px)
     if done:

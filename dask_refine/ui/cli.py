@@ -307,7 +307,7 @@ def cmd_refine(args) -> int:
         initial_lowpass_A=args.initial_lowpass_A, max_iterations=args.max_iterations,
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, first_level_candidates=args.first_level_candidates,
-        use_ctf=not args.no_ctf, symmetry=args.symmetry,
+        alignment_folds=args.alignment_folds, use_ctf=not args.no_ctf, symmetry=args.symmetry,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
@@ -462,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="N", help="poses a global search carries out of its first "
                        "(15°) level (default: %(default)s; 256 suffice on high-SNR data, fewer "
                        "make flips likelier at low SNR)")
+        p.add_argument("--alignment-folds", type=int, default=d.alignment_folds, metavar="F",
+                       help="split each half set into F folds and align each particle against "
+                       "its half's map rebuilt without its fold, so that no particle is aligned "
+                       "against a map that holds its own noise (default: %(default)s; 1: the "
+                       "half map itself, as RELION)")
         p.add_argument("--no-marginalize", action="store_true",
                        help="backproject each particle at its best pose only (default: over "
                        "its significant poses with their posterior weights, as RELION)")
