@@ -6,13 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from helpers import downsample_to_32
 
 from dask_refine.core.backprojection import FourierSums, backproject_particles
 from dask_refine.core.noise import noise_weights
 from dask_refine.core.pose_search import SearchParams, amplitude_envelope
 from dask_refine.core.projection import prepare_reference_rfft
-from dask_refine.core.reconstruction import (fold_out_references, reconstruct,
-                                             reconstruction_denominator, shell_mean_weight)
+from dask_refine.core.reconstruction import (
+    fold_out_references,
+    reconstruct,
+    reconstruction_denominator,
+    shell_mean_weight,
+)
 from dask_refine.core.refine_step import EStepOptions, refine_particles
 from dask_refine.core.rotations import angular_distance_deg
 from dask_refine.io.errors import InputError
@@ -20,7 +25,6 @@ from dask_refine.io.output_folder import OutputFolder
 from dask_refine.io.simulate import SimulationConfig, render_particles, simulate_metadata
 from dask_refine.jobs.checkpoint import check_resumable
 from dask_refine.jobs.refine import LEGACY_SETTINGS, RESUME_KEYS, alignment_folds
-from helpers import downsample_to_32
 
 
 def _particles(demo_map, n, snr, seed=3):
@@ -54,8 +58,8 @@ def test_fold_out_reference_leaves_its_fold_out(demo_map):
     assert len(refs) == 3
     other = images.copy()
     other[folds == 1] = np.random.default_rng(9).normal(size=other[folds == 1].shape)
-    changed = fold_out_references(*(lambda s: (s.data, s.weight))(
-        _fold_sums(other, meta, truth, folds, px)), 32, ssnr)
+    perturbed = _fold_sums(other, meta, truth, folds, px)
+    changed = fold_out_references(perturbed.data, perturbed.weight, 32, ssnr)
     np.testing.assert_array_equal(changed[1], refs[1])
     for f in (0, 2):
         assert np.abs(changed[f] - refs[f]).max() > 0.1 * np.abs(refs[f]).max()
@@ -149,3 +153,18 @@ def test_runs_saved_before_the_setting_resume_with_one_fold(tmp_path):
         check_resumable(out, config | {"alignment_folds": 2}, True, RESUME_KEYS,
                         LEGACY_SETTINGS)
     assert "alignment_folds" in json.dumps(RESUME_KEYS)
+
+
+def test_automatic_folds_fit_the_memory_budget():
+    """None: four folds where 2·K·F padded sums fit 2 GiB per chain (box 64 and 128), fewer
+    above (box 192: three), one at box 256; a number given is kept."""
+    from dask_refine.jobs.refine import RefineConfig, resolved_alignment_folds
+
+    auto = RefineConfig(store="s", initial_map="m.mrc", out_dir="o")
+    assert auto.alignment_folds is None
+    assert [resolved_alignment_folds(auto, box, 1) for box in (64, 128, 192, 256)] == [4, 4, 3, 1]
+    assert resolved_alignment_folds(auto, 128, 3) == 3  # three classes: more sums per fold
+    given = RefineConfig(store="s", initial_map="m.mrc", out_dir="o", alignment_folds=2)
+    assert resolved_alignment_folds(given, 256, 1) == 2
+    with pytest.raises(InputError, match="alignment_folds"):
+        RefineConfig(store="s", initial_map="m.mrc", out_dir="o", alignment_folds=0)

@@ -39,7 +39,7 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
                            SimulationConfig(n_particles=300, snr=0.5, chunk_size=100, seed=4))
     write_map(tmp_path / "initial.mrc", volume, px)  # low-passed to 30 Å by the job
     summary = run_refine(RefineConfig(store=str(store.path), initial_map=str(tmp_path / "initial.mrc"),
-                                      out_dir=str(tmp_path / "out"), max_iterations=7,
+                                      out_dir=str(tmp_path / "out"), max_iterations=6,
                                       first_level_candidates=128),  # SNR 0.5: 128 suffice
                          client=client, log=lambda m: None)
     for name in ("map.mrc", "half_A.mrc", "half_B.mrc", "fsc.csv", "fsc.png", "iterations.csv",

@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,10 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "alignment_folds")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
+#: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
+#: per accumulation chain (:func:`resolved_alignment_folds`).
+DEFAULT_ALIGNMENT_FOLDS = 4
+FOLD_SUMS_BUDGET = 2 << 30
 #: What a checkpoint written before a resume key existed ran with.
 LEGACY_SETTINGS = {"alignment_folds": 1}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
@@ -155,7 +159,9 @@ class RefineConfig:
     max_level: int = 8
     max_global_level: int = 5  # global searches stop at 1.9°; finer sampling is searched locally
     first_level_candidates: int = 8192  # survivors of a global search's first (15°) level
-    alignment_folds: int = 1  # 1: each particle is aligned against a half map holding it
+    # each particle is aligned against its half's map without its fold (None: automatic,
+    # resolved_alignment_folds; 1: against the half map itself, which holds the particle)
+    alignment_folds: int | None = None
     local_search: bool = True
     min_global_iterations: int = 2
     # stay global while more than this share of the particles moved, decisively, farther than
@@ -180,7 +186,7 @@ class RefineConfig:
                 and len(self.initial_map) not in (1, self.n_classes):
             raise InputError("initial_map", f"{len(self.initial_map)} maps for "
                              f"{self.n_classes} classes: give one map per class, or one map")
-        if self.alignment_folds < 1:
+        if self.alignment_folds is not None and self.alignment_folds < 1:
             raise InputError("alignment_folds", f"must be at least 1, not {self.alignment_folds}")
         if self.first_level_candidates < 1:
             raise InputError("first_level_candidates",
@@ -255,6 +261,21 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
         if not store.has_column(name):
             raise InputError(f"{store.path}/{name}", "required column is missing")
     return volumes
+
+
+def resolved_alignment_folds(config: RefineConfig, box_size: int, n_classes: int) -> int:
+    """``config.alignment_folds``, or when it is None the most folds, up to
+    ``DEFAULT_ALIGNMENT_FOLDS``, whose sums fit ``FOLD_SUMS_BUDGET`` per accumulation chain: an
+    E-step chain holds 2 · K · F padded Fourier sums (12 bytes a voxel), 13 MB each at box 64
+    but 0.8 GB at box 256, where F = 1 keeps a run's memory what it was."""
+    if config.alignment_folds is not None:
+        return int(config.alignment_folds)
+    p = config.pad * box_size
+    per_group = 12 * p * p * (p // 2 + 1)
+    folds = DEFAULT_ALIGNMENT_FOLDS
+    while folds > 1 and 2 * n_classes * folds * per_group > FOLD_SUMS_BUDGET:
+        folds -= 1
+    return folds
 
 
 def alignment_folds(half_set, folds: int) -> np.ndarray:
@@ -637,6 +658,8 @@ def run_refine(config: RefineConfig, client=None, log=print, progress=None) -> d
     t_start = time.perf_counter()
     store = ParticleStore.open(config.store)
     volumes = _check_inputs(config, store)
+    config = replace(config, alignment_folds=resolved_alignment_folds(
+        config, store.info.box_size, config.n_classes or len(volumes)))
     with output_dir(config.out_dir) as outputs, RunLock(outputs):
         return _refine(config, store, volumes, outputs, client, log, progress, t_start)
 

@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alignment-folds", type=int, default=d.alignment_folds, metavar="F",
                        help="split each half set into F folds and align each particle against "
                        "its half's map rebuilt without its fold, so that no particle is aligned "
-                       "against a map that holds its own noise (default: %(default)s; 1: the "
-                       "half map itself, as RELION)")
+                       "against a map that holds its own noise (default: 4, fewer where their "
+                       "sums would pass 2 GiB per E-step chain, e.g. 1 at box 256; 1: the half "
+                       "map itself, as RELION)")
         p.add_argument("--no-marginalize", action="store_true",
                        help="backproject each particle at its best pose only (default: over "
                        "its significant poses with their posterior weights, as RELION)")
