@@ -12,6 +12,7 @@ particles through a RELION 3.1 STAR file (normalised images, noise std 1) and th
     python benchmarks/refine.py --skip-relion         # ours only
     python benchmarks/refine.py --low-snr --map ../shared/data/7pbl_64_2.4.mrc --skip-relion
     python benchmarks/refine.py --realistic --skip-relion --skip-exhaustive
+    python benchmarks/refine.py --low-snr --alignment-folds 1   # align against the half maps
 
 ``--low-snr`` is the issue's low-SNR case (3,000 particles, SNR 0.05, CTF, origins ±4 Å) and
 adds the figures its targets are stated in: the FSC-to-truth of the known-pose reconstruction
