@@ -170,7 +170,10 @@ def test_local_sampling_goes_no_finer_than_the_poses_are_known():
         params = _search_params(config, state(accuracy), 64, 25.0, 6.0)
         assert params.local and params.last_level == 5
         assert so3_grid_spacing(5) < 0.75 * accuracy <= so3_grid_spacing(4)
-    assert fine_enough_level(2.0) == 6 and fine_enough_level(0.5) == 8
+    assert fine_enough_level(2.0, 8) == 6 and fine_enough_level(0.5, 8) == 8
+    # best poses only (no marginalisation): no spread, so the resolution decides
+    assert fine_enough_level(0.0, 8) == 8
+    assert _search_params(config, state(0.0), 64, 25.0, 6.0).last_level == 6
     # global searches keep their own limit (max_global_level)
     params = _search_params(config, state(20.0, local=False), 64, 25.0, 6.0)
     assert not params.local and params.last_level == 5

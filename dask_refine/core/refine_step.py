@@ -211,8 +211,10 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors).
     ``groups`` ``(B,)``: the half set of each particle (``half · F + fold`` with
     ``options.alignment_folds`` F > 1); references, envelopes and sums are indexed
-    ``class · 2 + half`` (``(class · 2 + half) · F + fold``). With ``options.n_classes`` > 1 every particle is searched against
-    every class (:class:`EStepOptions` says how classes and poses are weighed).
+    ``class · 2 + half`` (``(class · 2 + half) · F + fold``; the other half's reference of the
+    same fold judges classes across halves). With ``options.n_classes`` > 1 every particle is
+    searched against every class (:class:`EStepOptions` says how classes and poses are
+    weighed).
     ``noise_weight``: ``1/σ²`` on the rfft grid, ``(D, H)`` shared by all classes or
     ``(K, D, H)`` one noise model per class; with per-class models the class posteriors
     include each model's normaliser (:func:`.noise.log_noise_normaliser`) and the noise sums

@@ -359,7 +359,8 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
         # grids are searched locally (--global-only searches every level globally)
         last = min(last, max(config.max_global_level, config.first_level))
     if local:  # and no finer than the poses are known (RELION's updateAngularSampling)
-        last = min(last, max(config.first_level, fine_enough_level(state.angular_accuracy_deg)))
+        last = min(last, max(config.first_level,
+                             fine_enough_level(state.angular_accuracy_deg, config.max_level)))
     first = min(config.first_level, last)
     # the coarsest level whose ±1.5 cells still cover ±3σ: spacing(l) ≥ 2σ (σ/1.5 · 3)
     wide = 2.0 * LOCAL_RANGE_SIGMAS / 3.0 * max(state.angular_accuracy_deg, 1e-3)
@@ -374,15 +375,16 @@ def _search_params(config, state: State, box: int, radius_px: float, max_shift_p
                         posterior_window=POSTERIOR_WINDOW if config.marginalize else 0.0)
 
 
-def fine_enough_level(angular_accuracy_deg: float) -> int:
+def fine_enough_level(angular_accuracy_deg: float, max_level: int) -> int:
     """The coarsest grid level whose spacing is below ``FINE_ENOUGH`` × the particles'
     angular accuracy (the median posterior spread): RELION's auto-refine makes its sampling
     finer only while the step is at least 0.75 × the estimated accuracy. A finer grid adds
     poses inside the posterior, not information, and once the posterior holds more grid poses
     than the search keeps (its final candidates, the E-step's significant poses) it is cut:
-    the reconstruction then sees a posterior narrower than the particle's."""
+    the reconstruction then sees a posterior narrower than the particle's. At most
+    ``max_level``: best poses only (no marginalisation) have no spread to go by."""
     level = 0
-    while so3_grid.spacing_deg(level) >= FINE_ENOUGH * angular_accuracy_deg:
+    while level < max_level and so3_grid.spacing_deg(level) >= FINE_ENOUGH * angular_accuracy_deg:
         level += 1
     return level
 
@@ -573,8 +575,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         if config.non_uniform:
             choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolutions[-1],
                                                   mask=mask)
-            refs, parts = ([apply_local_filter(r, choice, cutoffs, px) for r in rs]
-                           for rs in (refs, parts))
+            refs = [apply_local_filter(r, choice, cutoffs, px) for r in refs]
+            parts = [apply_local_filter(r, choice, cutoffs, px) for r in parts]
         references += [(r * mask).astype(np.float32) for r in refs]
         alignment += [(r * mask).astype(np.float32) for r in parts]
         full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
