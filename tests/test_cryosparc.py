@@ -82,6 +82,9 @@ def _cs_project(tmp_path, rng, n=8, box=16, dtype=CS_DTYPE):
         kind, shape = t.dtype.fields[name][0].base.kind, t.dtype.fields[name][0].shape
         if kind == "f" and not t[name].any():
             t[name] = rng.uniform(0.1, 1.0, (n,) + shape)
+    for name in ("ctf/tilt_A", "ctf/shift_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag"):
+        if name in names:  # no higher-order optics, as cryoSPARC writes before CTF refinement
+            t[name] = 0.0
     if "ctf/df1_A" in names:
         t["ctf/df1_A"] = rng.uniform(9000, 25000, n)
         t["ctf/df2_A"] = t["ctf/df1_A"] - rng.uniform(0, 500, n)
@@ -649,3 +652,30 @@ def test_cli_skip_bad_cs(tmp_path, rng, capsys):
     assert main(["import-cs", str(cs), str(tmp_path / "e.zarr"), "--skip-bad"]) == 2
     err = capsys.readouterr().err
     assert "all 20 particles have NaN or Inf pixels" in err and not (tmp_path / "e.zarr").exists()
+
+
+def test_beam_tilt_survives_star_and_cs_round_trips(tmp_path, rng):
+    """cryoSPARC's ctf/tilt_A (Cs·sin τ, Å; pyem's conversion) ↔ RELION's rlnBeamTiltX/Y
+    (mrad): .cs → store → STAR and → .cs keep the tilt; higher-order optics that cannot be
+    applied are refused, naming the field."""
+    cs, table, _ = _cs_project(tmp_path, rng)
+    table["ctf/tilt_A"] = [[2.7e7 * np.sin(1.5e-3), -2.7e7 * np.sin(0.5e-3)]] * len(table)
+    _save_cs(cs, table)
+    s = import_cs(cs, tmp_path / "p.zarr")
+    np.testing.assert_allclose(s.read_column("beam_tilt_mrad"), [[1.5, -0.5]] * len(table),
+                               rtol=1e-6)
+    star = export_star(s, tmp_path / "P7" / "out.star")  # stacks relative to the project
+    optics, _ = read_star(star)
+    np.testing.assert_allclose(optics[["rlnBeamTiltX", "rlnBeamTiltY"]].to_numpy(dtype=float),
+                               [[1.5, -0.5]] * len(optics), rtol=1e-6)
+    again = np.load(export_cs(s, tmp_path / "again.cs"))
+    np.testing.assert_array_equal(again["ctf/tilt_A"], table["ctf/tilt_A"])
+    from_star = import_star(star, tmp_path / "s.zarr")
+    converted = np.load(export_cs(from_star, tmp_path / "from_star.cs"))
+    np.testing.assert_allclose(converted["ctf/tilt_A"], table["ctf/tilt_A"], rtol=1e-5)
+    for field in ("ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag", "ctf/shift_A"):
+        bad = table.copy()
+        bad[field][0] = 0.1
+        _save_cs(cs, bad)
+        with pytest.raises(InputError, match=field):
+            import_cs(cs, tmp_path / f"bad{field[4:8]}.zarr")

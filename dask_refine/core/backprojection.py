@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .aberrations import ABERRATION_PARAMETERS, demodulate, magnified_rotations, per_particle_zernike
 from .backend import array_module, to_numpy
 from .ctf import ctf_rfft
 from .fourier import centred_rfftn, translate_rfft
@@ -22,6 +23,13 @@ from .symmetry import symmetrize_sums, symmetry_operators
 
 CTF_PARAMETERS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                   "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
+#: Every per-particle column of the image model: the CTF's and the optional aberrations'.
+OPTICS_PARAMETERS = CTF_PARAMETERS + ABERRATION_PARAMETERS
+
+
+def optics_meta(meta: dict) -> dict:
+    """The image-model columns of ``meta`` (:data:`OPTICS_PARAMETERS` that are present)."""
+    return {k: meta[k] for k in OPTICS_PARAMETERS if k in meta}
 
 
 @dataclass
@@ -72,8 +80,17 @@ class FourierSums:
 
 def particle_ctfs(meta: dict, box_size: int, pixel_size_A: float, xp=np):
     """CTFs ``(N, D, D//2+1)`` float32 from per-particle metadata columns (names:
-    docs/design.md §2)."""
-    return ctf_rfft(box_size, pixel_size_A, xp=xp, **{k: meta[k] for k in CTF_PARAMETERS})
+    docs/design.md §2), with the even aberrations and magnification when ``meta`` has them
+    (:mod:`.aberrations`)."""
+    even = per_particle_zernike(meta, "even_zernike", box_size, pixel_size_A, xp)
+    return ctf_rfft(box_size, pixel_size_A, xp=xp, gamma_offset=0.0 if even is None else even,
+                    mag_matrix=meta.get("mag_matrix"), **{k: meta[k] for k in CTF_PARAMETERS})
+
+
+def observed_rfft(images, meta: dict, pixel_size_A: float):
+    """Centred rffts of real images ``(N, D, D)``, the odd aberrations' phase removed when
+    ``meta`` has them (RELION's ``demodulatePhase``; :func:`.aberrations.demodulate`)."""
+    return demodulate(centred_rfftn(images, 2), meta, pixel_size_A)
 
 
 def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_size_A: float,
@@ -97,7 +114,7 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     if not bool(finite.all()):
         bad = int(np.flatnonzero(to_numpy(finite) == 0)[0])
         raise ValueError(f"particle {first_index + bad} has NaN or Inf pixels")
-    f = centred_rfftn(xp.asarray(images, dtype=xp.float32), 2)
+    f = observed_rfft(xp.asarray(images, dtype=xp.float32), meta, pixel_size_A)
     f = translate_rfft(f, np.asarray(meta["shift_A"]) / pixel_size_A)
     scale = xp.asarray(meta["scale"] if "scale" in meta else np.ones(n), dtype=xp.float32)
     weight = xp.broadcast_to(scale.reshape(-1, 1, 1), (n, 1, 1))
@@ -106,7 +123,7 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
     data = (f * weight).astype(xp.complex64)
     weight2 = xp.broadcast_to((weight * weight).astype(xp.float32), data.shape)
     groups = np.asarray(groups)
-    rotations = xp.asarray(meta["rotation"])
+    rotations = xp.asarray(magnified_rotations(meta["rotation"], meta))
     if "class_weight" in meta:
         member = np.asarray(meta["class_weight"], dtype=np.float32).reshape(n, -1)
         targets = [(k * 2 + h, np.flatnonzero((groups == h) & (member[:, k] > 0)), member[:, k])

@@ -277,6 +277,9 @@ def certified_search(reference_rfft, data: ParticleData, params: SearchParams,
     of the best). Global searches only (``params.local`` is refused); host arrays."""
     if params.local:
         raise ValueError("certified_search is global; local searches use branch_and_bound")
+    if data.slice_matrix is not None:  # its tables are built at the grid's own rotations
+        raise ValueError("certified_search does not model anisotropic magnification; "
+                         "branch_and_bound does")
     box = data.box_size
     n = data.images_rfft.shape[0]
     first, last = params.first_level, max(params.last_level, params.first_level)

@@ -23,16 +23,24 @@ def electron_wavelength_A(voltage_kV):
 
 def ctf_2d(freq_x_invA, freq_y_invA, *, defocus_u_A, defocus_v_A, defocus_angle_deg,
            voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg=0.0, bfactor_A2=0.0,
-           scale=1.0):
+           scale=1.0, gamma_offset=0.0, mag_matrix=None):
     """CTF at spatial frequencies ``(freq_x, freq_y)`` in 1/Å (RELION ``CTF::getCTF``).
 
     Frequency arrays and the per-particle parameters broadcast against each other; for a batch,
-    pass parameters shaped ``(N, 1, 1)``. Returns float64 of the broadcast shape.
+    pass parameters shaped ``(N, 1, 1)``. ``gamma_offset`` (radians) is added to γ: the even
+    aberrations (:mod:`.aberrations`). ``mag_matrix`` ``(..., 2, 2)``: the frequencies are
+    first multiplied by it (``M k``, anisotropic magnification; for a batch ``(N, 1, 1, 2, 2)``).
+    Returns float64 of the broadcast shape.
     """
     xp = array_module(freq_x_invA, freq_y_invA)
 
     def f64(v):
         return xp.asarray(v, dtype=xp.float64)
+
+    if mag_matrix is not None:
+        m = f64(mag_matrix)
+        freq_x_invA, freq_y_invA = (m[..., 0, 0] * freq_x_invA + m[..., 0, 1] * freq_y_invA,
+                                    m[..., 1, 0] * freq_x_invA + m[..., 1, 1] * freq_y_invA)
 
     lam = electron_wavelength_A(f64(voltage_kV))
     k1 = np.pi * lam
@@ -56,6 +64,7 @@ def ctf_2d(freq_x_invA, freq_y_invA, *, defocus_u_A, defocus_v_A, defocus_angle_
     gamma += (k1 * dev_df * xp.sin(2.0 * ast)) * (2.0 * x * y)
     gamma += k2 * (u2 * u2)
     gamma -= k5 + k3
+    gamma += f64(gamma_offset)
     ctf = xp.sin(gamma, out=gamma)
     ctf *= -f64(scale)
     if bool(xp.any(k4 != 0)):
@@ -65,7 +74,7 @@ def ctf_2d(freq_x_invA, freq_y_invA, *, defocus_u_A, defocus_v_A, defocus_angle_
 
 def ctf_rfft(box_size: int, pixel_size_A: float, *, defocus_u_A, defocus_v_A, defocus_angle_deg,
              voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg=0.0, bfactor_A2=0.0,
-             dtype=np.float32, xp=np):
+             gamma_offset=0.0, mag_matrix=None, dtype=np.float32, xp=np):
     """CTFs of a batch of particles on the centred rfft grid: ``(N, D, D//2+1)``.
 
     Per-particle parameters are 1-D arrays of length N (or scalars, giving ``(1, D, D//2+1)``).
@@ -83,4 +92,6 @@ def ctf_rfft(box_size: int, pixel_size_A: float, *, defocus_u_A, defocus_v_A, de
                   amplitude_contrast=amplitude_contrast, phase_shift_deg=phase_shift_deg,
                   bfactor_A2=bfactor_A2)
     params = {k: per_particle(v) for k, v in params.items()}
-    return ctf_2d(fx[None], fy[None], **params).astype(dtype)
+    if mag_matrix is not None:
+        params["mag_matrix"] = xp.asarray(mag_matrix, dtype=xp.float64).reshape(-1, 1, 1, 2, 2)
+    return ctf_2d(fx[None], fy[None], gamma_offset=xp.asarray(gamma_offset), **params).astype(dtype)

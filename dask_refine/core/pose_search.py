@@ -115,6 +115,9 @@ class ParticleData:
     ctf: np.ndarray  # (B, D, H) real
     scale: np.ndarray  # (B,) host array
     noise_weight: np.ndarray  # (D, H) real, 1/σ² per pixel, on the images' device
+    # (3, 3) host: the batch's slices are taken at ``slice_matrix @ A`` for a pose A (M₃ᵀ,
+    # anisotropic magnification, :func:`.aberrations.magnified_rotations`); None: at A
+    slice_matrix: np.ndarray | None = None
     box_size: int = field(init=False)
 
     def __post_init__(self):
@@ -173,6 +176,7 @@ class _Particle:
         self.mw = (xp.asarray(mult) * data.noise_weight.ravel()[sel]).astype(xp.float64)
         self.s = float(data.scale[b])
         self.d = d
+        self.slice_matrix = data.slice_matrix
 
     def shifted(self, origins_px):
         """``(T, M)`` centred images ``X e^{−2πi k·o/D}`` for host origins ``(T, 2)`` (x, y)."""
@@ -227,11 +231,14 @@ def level_band(params: SearchParams, box_size: int, level: int) -> float:
     return float(np.clip(band, params.min_band, params.r_align))
 
 
-def _slices(reference_rfft, box_size, rotations, kx, ky):
+def _slices(reference_rfft, box_size, rotations, kx, ky, slice_matrix=None):
     """Central slices at the band's pixels only: ``(N, M)`` complex128 on the reference's
-    device; ``rotations`` host, ``kx``/``ky`` on the reference's device."""
+    device; ``rotations`` host, ``kx``/``ky`` on the reference's device; taken at
+    ``slice_matrix @ rotations`` when a (3, 3) ``slice_matrix`` is given (magnification)."""
     xp = array_module(reference_rfft)
     n = rotations.shape[0]
+    if slice_matrix is not None:
+        rotations = np.matmul(np.asarray(slice_matrix, np.float64), rotations)
     rotations = xp.asarray(np.ascontiguousarray(rotations, dtype=np.float64))
     kx, ky = xp.asarray(kx, dtype=xp.float64), xp.asarray(ky, dtype=xp.float64)
     out = xp.zeros((n, kx.size), dtype=reference_rfft.dtype)
@@ -309,7 +316,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
     if not params.local:
         d0, p0, r0 = asymmetric_cells(first, params.symmetry)
         _, kx, ky, _ = band_pix[first]
-        shared = (d0, p0, r0, _slices(reference_rfft, box, r0, kx, ky))
+        shared = (d0, p0, r0, _slices(reference_rfft, box, r0, kx, ky, data.slice_matrix))
     # the second level's slices, once for the batch when its particles would ask for more
     # (up to 8 × the first level's survivors each) than the level has cells
     second = None
@@ -320,7 +327,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
         _, kx, ky, _ = band_pix[first + 1]
         second = _slices(reference_rfft, box,
                          so3_grid.cell_rotations(first + 1, *so3_grid.all_cells(first + 1)),
-                         kx, ky)
+                         kx, ky, data.slice_matrix)
 
     out_rot = np.zeros((n, 3, 3))
     out_origin = np.zeros((n, 2))
@@ -351,7 +358,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                 slices = second[dirs * so3_grid.n_psi(lvl) + psis]
             elif slices is None:
                 slices = _slices(reference_rfft, box, so3_grid.cell_rotations(lvl, dirs, psis),
-                                 part.kx, part.ky)
+                                 part.kx, part.ky, part.slice_matrix)
             err, energy = _pair_errors(part, slices, pair_rot, pair_origin)
             evals += err.size
             bound = err + bounds_hi[lvl][b]
@@ -360,7 +367,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                                psis[pair_rot[star]:pair_rot[star] + 1])
             true_star, _ = p_true.errors(pair_origin[star][None, :],
                                          _slices(reference_rfft, box, star_rot, p_true.kx,
-                                                 p_true.ky))
+                                                 p_true.ky, p_true.slice_matrix))
             evals += 1
             e_star = float(true_star[0, 0])
             keep, within = _prune(bound, e_star, energy, params,
@@ -383,7 +390,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                 else:
                     fin = _slices(reference_rfft, box,
                                   so3_grid.cell_rotations(lvl, dirs[kr], psis[kr]),
-                                  p_true.kx, p_true.ky)
+                                  p_true.kx, p_true.ky, p_true.slice_matrix)
                     true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
                     evals += true_err.size
                 order = np.argsort(true_err, kind="stable")
@@ -425,7 +432,8 @@ def _trace_level(reference_rfft, p_true, lvl, dirs, psis, pair_rot, pair_origin,
                  e_star, star, evals, band, margins) -> dict:
     """One level of a search trace (see :func:`branch_and_bound`)."""
     rotations = so3_grid.cell_rotations(lvl, dirs, psis)
-    true_slices = _slices(reference_rfft, p_true.d, rotations, p_true.kx, p_true.ky)
+    true_slices = _slices(reference_rfft, p_true.d, rotations, p_true.kx, p_true.ky,
+                          p_true.slice_matrix)
     true_errors, _ = _pair_errors(p_true, true_slices, pair_rot, pair_origin)
     kept = np.zeros(bound.size, dtype=bool)
     kept[keep] = True
@@ -471,7 +479,8 @@ def pose_errors(reference_rfft, data: ParticleData, b: int, rotations, origins_p
     rotations = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
     key = np.round(rotations.reshape(-1, 9) * 1e9).astype(np.int64)
     _, first_of, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    slices = _slices(reference_rfft, data.box_size, rotations[first_of], part.kx, part.ky)
+    slices = _slices(reference_rfft, data.box_size, rotations[first_of], part.kx, part.ky,
+                     part.slice_matrix)
     err, _ = _pair_errors(part, slices, inverse.ravel(), np.asarray(origins_px, np.float64))
     return err
 
@@ -560,7 +569,7 @@ def exhaustive_search(reference_rfft, data: ParticleData, params: SearchParams,
                                                 minimum=64)
     for start in range(0, rots.shape[0], batch_rotations):
         r = rots[start:start + batch_rotations]
-        slices = _slices(reference_rfft, box, r, pixels[1], pixels[2])
+        slices = _slices(reference_rfft, box, r, pixels[1], pixels[2], data.slice_matrix)
         for b, part in enumerate(parts):
             origins = prior_origin_px[b][None, :] + offsets
             err, _ = part.errors(origins, slices)
@@ -581,6 +590,6 @@ def pose_error(reference_rfft, data: ParticleData, rotations, origins_px, r_alig
         part = _Particle(data, b, pixels)
         err, _ = part.errors(np.asarray(origins_px[b], float)[None, :],
                              _slices(reference_rfft, data.box_size, rotations[b:b + 1],
-                                     part.kx, part.ky))
+                                     part.kx, part.ky, part.slice_matrix))
         out[b] = float(err[0, 0])
     return out

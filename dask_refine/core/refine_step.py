@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
-from .backprojection import FourierSums, particle_ctfs
+from .aberrations import magnified_rotations
+from .backprojection import FourierSums, observed_rfft, particle_ctfs
 from .fourier import centred_rfftn, translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
 from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound, pose_errors
@@ -201,6 +202,25 @@ def _blocks(poses: _Poses, rows: np.ndarray, size: int):
         start = stop
 
 
+def _search_sets(groups, slice_matrices):
+    """``(group, rows, slice_matrix)`` for each set of particles that share a group and a slice
+    matrix (``slice_matrices (N, 3, 3)``, or None when no particle has a magnification)."""
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        if slice_matrices is None:
+            yield g, rows, None
+            continue
+        keys, inverse = np.unique(np.round(slice_matrices[rows].reshape(-1, 9), 12), axis=0,
+                                  return_inverse=True)
+        for i, key in enumerate(keys):
+            yield g, rows[inverse.ravel() == i], key.reshape(3, 3)
+
+
+def _sliced_at(rotations, slice_matrix):
+    """Poses' slicing matrices: ``slice_matrix @ A``, or the poses themselves."""
+    return rotations if slice_matrix is None else np.matmul(slice_matrix, rotations)
+
+
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,
                      noise_weight, params: SearchParams, pixel_size_A: float,
                      scale_max_shell: float, first_index: int = 0,
@@ -231,7 +251,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     if not finite.all():
         raise ValueError(f"particle {first_index + int(np.flatnonzero(~finite)[0])} has NaN or "
                          "Inf pixels")
-    x = centred_rfftn(images, 2)
+    x = observed_rfft(images, meta, pixel_size_A)
     ctf = particle_ctfs(meta, box, pixel_size_A, xp)
     noise_weight = xp.asarray(noise_weight)
     class_weights = (list(noise_weight) if noise_weight.ndim == 3
@@ -260,14 +280,16 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         sel_band, _, _, mult = band_pixels(box, 0.0, params.r_align)
         offsets = [log_noise_normaliser(w, (sel_band, mult)) for w in class_weights]
     folds = max(1, int(options.alignment_folds))
-    for g in np.unique(groups):
+    # particles are searched in sets that share a group and a magnification (slice matrix)
+    slice_matrices = (magnified_rotations(np.tile(np.eye(3), (n, 1, 1)), meta)
+                      if "mag_matrix" in meta else None)
+    for g, sel_host, slice_matrix in _search_sets(groups, slice_matrices):
         h, f = divmod(int(g), folds)
         # class k's reference and sums for this half and fold, and the other half's reference
         own_group = [(2 * k + h) * folds + f for k in range(k_total)]
         other_group = [(2 * k + 1 - h) * folds + f for k in range(k_total)]
-        sel_host = np.flatnonzero(groups == g)
         sel = xp.asarray(sel_host)
-        data = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k])
+        data = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k], slice_matrix)
                 for k in range(k_total)]  # each class under its own noise model
         found = [branch_and_bound(references[own_group[k]], data[k], params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
@@ -299,8 +321,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                 starts = np.flatnonzero(new_run)
                 run_of = np.cumsum(new_run) - 1
                 centred = translate_rfft(x_h[pid_d], poses.origin_px[j])
+                slicing = _sliced_at(poses.rotation[j][starts], slice_matrix)
                 model = (ctf_h[pid_d] * extract_central_slices_rfft(
-                    references[own_group[k]], poses.rotation[j][starts], box)[xp.asarray(run_of)])
+                    references[own_group[k]], slicing, box)[xp.asarray(run_of)])
                 w = poses.weight[j]
                 t_num, t_den = scale_terms(centred, model, class_weights[k], scale_max_shell)
                 np.add.at(num, pid, w * t_num)
@@ -315,7 +338,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
                 sc = (xp.asarray(s_h[pid[starts]]).reshape(-1, 1, 1)
                       * ctf_h[xp.asarray(pid[starts])]).astype(xp.float32)
                 insert_central_slices_rfft((data_runs * sc).astype(xp.complex64), sc * sc * w_runs,
-                                           poses.rotation[j][starts], sums.data[own_group[k]],
+                                           slicing, sums.data[own_group[k]],
                                            sums.weight[own_group[k]],
                                            r_max=options.backprojection_max_shell)
         out.scale_estimate[sel_host] = scale_from_terms(num, den)

@@ -68,6 +68,9 @@ CTF_FIELDS = {
     "cs_mm": ("ctf/cs_mm", None),
     "amplitude_contrast": ("ctf/amp_contrast", None),
 }
+#: cryoSPARC's higher-order optics, refused when not zero (never silently dropped).
+UNAPPLIED_CS_OPTICS = {"ctf/shift_A": (2,), "ctf/trefoil_A": (2,), "ctf/tetra_A": (4,),
+                       "ctf/anisomag": (4,)}
 RADIANS = ("defocus_angle_deg", "phase_shift_deg")  # degrees in the store, radians in .cs
 
 _NAME_PART = re.compile(r"[A-Za-z0-9_]+\Z")
@@ -253,6 +256,18 @@ def _columns(table: np.ndarray, where: str, pixel_size_A: float) -> dict[str, np
         elif column in RADIANS:
             values = np.rad2deg(values)
         meta[column] = values
+    tilt = _finite(table, "ctf/tilt_A", where, (2,), "a beam tilt (2 numbers, Å)")
+    if tilt is not None and np.any(tilt != 0):
+        # cryoSPARC's tilt in Å is Cs·sin(τ) (pyem csparc2star's conversion to mrad)
+        meta["beam_tilt_mrad"] = 1e3 * np.arcsin(
+            tilt / (meta["cs_mm"][:, None] * 1e7))
+    for field, shape in UNAPPLIED_CS_OPTICS.items():
+        values = _finite(table, field, where, shape, f"{shape[0]} numbers")
+        if values is not None and np.any(values != 0):
+            raise InputError(f"{where}: field {field}", "is not zero, and dask_refine cannot "
+                             "apply it yet (cryoSPARC's convention for it is not published); "
+                             "refine without it, or convert the file to a RELION STAR with "
+                             "CtfRefine's Zernike coefficients")
     groups = _integers(table, "ctf/exp_group_id", where, high=2**32 - 1)
     meta["optics_group"] = (np.ones(n, np.int32) if groups is None else
                             (np.unique(groups, return_inverse=True)[1] + 1).astype(np.int32))
@@ -498,6 +513,10 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     if raw is None:  # cryoSPARC's CTF scale is not ours (alignments3D/alpha is): neutral
         emit("ctf/scale", np.ones(n), np.float32)
     emit("ctf/exp_group_id", current["optics_group"], np.uint32, unchanged("optics_group"))
+    if store.has_column("beam_tilt_mrad"):  # Cs·sin(τ) in Å, the inverse of the import's
+        current["beam_tilt_mrad"] = store.read_column("beam_tilt_mrad")
+        emit("ctf/tilt_A", current["cs_mm"][:, None] * 1e7
+             * np.sin(1e-3 * current["beam_tilt_mrad"]), np.float32, unchanged("beam_tilt_mrad"))
 
     if "rotation" in poses or "alignments3D/split" in raw_names:
         emit("alignments3D/split", current["half_set"], np.uint32, unchanged("half_set"))

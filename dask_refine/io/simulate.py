@@ -25,6 +25,11 @@ model, bit for bit; docs/design-notes.md, "Realistic simulation"):
 * ``envelope_bfactor_A2``: ``E = exp(−B |k|²/4)`` (k in 1/Å) on every image's signal, *not*
   written into the ``bfactor_A2`` CTF column.
 
+Optics beyond the CTF fit (off by default; written into the store's ``beam_tilt_mrad`` and
+``mag_matrix`` columns, as an import of a RELION STAR with those fields would): ``beam_tilt_mrad``
+phases every prediction by ``e^{iφ}`` and ``mag_matrix`` magnifies it, exactly as RELION's
+observation model predicts an image (:mod:`dask_refine.core.aberrations`).
+
 The truth (rotation, shift_A, scale, is_junk, junk_kind) is written under ``ground_truth/``
 where no job reads it; ``write_poses=True`` also copies the poses to the top-level pose columns,
 as if a previous refinement had produced them (for Reconstruction Only from known poses).
@@ -37,12 +42,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..core.ctf import ctf_rfft
+from ..core.aberrations import magnified_rotations, model_aberrations, modulate
+from ..core.backprojection import particle_ctfs
 from ..core.fourier import centred_irfftn, rfft_multiplicity, rfft_radius, translate_rfft
 from ..core.projection import DEFAULT_PAD, extract_central_slices_rfft, prepare_reference_rfft
 from ..core.rotations import euler_to_matrix, random_rotations
 from .errors import InputError
-from .store import CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
+from .store import ABERRATION_COLUMNS, CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
 
 #: Noise power spectra :func:`simulate_noise` can make.
 NOISE_COLORS = ("white", "ice")
@@ -85,8 +91,17 @@ class SimulationConfig:
     preferred_view_spread_deg: float = 10.0
     noise_color: str = "white"
     envelope_bfactor_A2: float = 0.0
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)  # M00, M01, M10, M11
 
     def __post_init__(self):
+        if len(self.beam_tilt_mrad) != 2 or not all(map(math.isfinite, self.beam_tilt_mrad)):
+            raise InputError("beam_tilt_mrad", f"expected two finite numbers (τx, τy), not "
+                             f"{self.beam_tilt_mrad!r}")
+        if len(self.mag_matrix) != 4 or abs(np.linalg.det(np.reshape(self.mag_matrix,
+                                                                     (2, 2)))) < 0.5:
+            raise InputError("mag_matrix", "expected four numbers M00 M01 M10 M11 of an "
+                             f"invertible matrix near the identity, not {self.mag_matrix!r}")
         for name in ("junk_fraction", "preferred_view_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -165,6 +180,10 @@ def simulate_metadata(config: SimulationConfig, box_size: int, pixel_size_A: flo
         "optics_group": np.ones(n, dtype=np.int32),
         "half_set": assign_half_sets(n, config.seed),
     }
+    if any(config.beam_tilt_mrad):
+        meta["beam_tilt_mrad"] = np.tile(np.asarray(config.beam_tilt_mrad, np.float64), (n, 1))
+    if tuple(config.mag_matrix) != (1.0, 0.0, 0.0, 1.0):
+        meta["mag_matrix"] = np.tile(np.reshape(config.mag_matrix, (1, 2, 2)), (n, 1, 1))
     truth = {
         "rotation": random_rotations(n, rng),
         "shift_A": shift,
@@ -255,15 +274,17 @@ def render_particles(reference_rfft, meta: dict, truth: dict, rows, box_size: in
     """Noise-free images ``(n, D, D)`` float32 for particles ``rows`` (a slice or index array;
     see the module's model). ``envelope_bfactor_A2 > 0`` multiplies the signal by
     :func:`envelope_rfft`."""
-    rot = truth["rotation"][rows]
+    optics = {k: v[rows] for k, v in meta.items() if k in CTF_COLUMNS + ABERRATION_COLUMNS}
+    optics.update(model_aberrations(optics))
+    rot = magnified_rotations(truth["rotation"][rows], optics)
     slices = extract_central_slices_rfft(reference_rfft, rot, box_size)
     weight = truth["scale"][rows].reshape(-1, 1, 1)
     if use_ctf:
-        weight = weight * ctf_rfft(box_size, pixel_size_A,
-                                   **{k: meta[k][rows] for k in CTF_COLUMNS})
+        weight = weight * particle_ctfs(optics, box_size, pixel_size_A)
     if envelope_bfactor_A2 > 0:
         weight = weight * envelope_rfft(box_size, pixel_size_A, envelope_bfactor_A2)
-    f = translate_rfft(slices * weight.astype(np.float32), -truth["shift_A"][rows] / pixel_size_A)
+    f = modulate(slices * weight.astype(np.float32), optics, pixel_size_A)
+    f = translate_rfft(f, -truth["shift_A"][rows] / pixel_size_A)
     return centred_irfftn(f, 2, box_size).astype(np.float32)
 
 
@@ -389,7 +410,7 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
         raise InputError(f"{store_path}/{GROUND_TRUTH}/is_junk",
                          "missing, but the simulation made junk; cannot tell junk rows apart")
     sigma = float(provenance["noise_sigma"])
-    meta = store.metadata(list(CTF_COLUMNS))
+    meta = store.metadata(list(CTF_COLUMNS + ABERRATION_COLUMNS))
     truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
     reference = prepare_reference_rfft(np.asarray(volume, np.float32),
                                        int(sim.get("pad", DEFAULT_PAD)))

@@ -21,7 +21,7 @@ from ..core.rotations import euler_to_matrix, matrix_to_euler
 from .errors import InputError
 from .mrc import write_stack
 from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
-from .store import STAR_GROUP, ParticleStore, assign_half_sets
+from .store import ABERRATION_COLUMNS, STAR_GROUP, ParticleStore, assign_half_sets
 
 #: ``starfile.write`` format for floats: shortest repr, so that every value read from a STAR file
 #: is written back exactly (``%.6f`` would turn 3.2e-07 into 0.000000).
@@ -84,6 +84,57 @@ def _per_particle(particles, optics, label, default, where, optics_index):
     if default is None:
         raise InputError(f"{where}: field {label}", "required column is missing")
     return np.full(len(particles), float(default))
+
+
+#: RELION's labels of the optics beyond the CTF fit, by store column (:data:`.store.ABERRATION_COLUMNS`).
+BEAM_TILT_FIELDS = ("rlnBeamTiltX", "rlnBeamTiltY")
+ZERNIKE_FIELDS = {"odd_zernike": "rlnOddZernike", "even_zernike": "rlnEvenZernike"}
+MAG_MATRIX_FIELDS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+
+
+def _zernike_lists(table, label, where) -> list[list[float]]:
+    """RELION's Zernike vectors (``[c0,c1,…]`` text, or a number for one coefficient)."""
+    out = []
+    for i, value in enumerate(table[label].to_list()):
+        text = str(value).strip()
+        try:
+            numbers = [float(v) for v in text.strip("[]").split(",") if v.strip()]
+        except ValueError:
+            numbers = None
+        if numbers is None or not all(np.isfinite(numbers)):
+            raise InputError(f"{where}: field {label}", f"row {i + 1} has {text!r}; expected a "
+                             "list of numbers like [0.1,-0.2,0.0]")
+        out.append(numbers)
+    return out
+
+
+def _aberrations(particles, optics, where, optics_index) -> dict[str, np.ndarray]:
+    """Beam tilt, Zernike coefficients and magnification per particle (from its own row or its
+    optics group), as the store's :data:`.store.ABERRATION_COLUMNS`; only those present."""
+    out = {}
+    if any(label in t.columns for t in (particles, optics) if t is not None
+           for label in BEAM_TILT_FIELDS):
+        out["beam_tilt_mrad"] = np.stack([
+            _per_particle(particles, optics, label, 0.0, where, optics_index)
+            for label in BEAM_TILT_FIELDS], axis=1)
+    for column, label in ZERNIKE_FIELDS.items():
+        for table, name in ((particles, where), (optics, f"{where} (data_optics)")):
+            if table is None or label not in table.columns:
+                continue
+            rows = _zernike_lists(table, label, name)
+            width = max(map(len, rows), default=0)
+            values = np.zeros((len(rows), width))
+            for i, r in enumerate(rows):
+                values[i, :len(r)] = r
+            out[column] = values if table is particles else values[optics_index]
+            break
+    if any(label in t.columns for t in (particles, optics) if t is not None
+           for label in MAG_MATRIX_FIELDS):
+        identity = dict(zip(MAG_MATRIX_FIELDS, (1.0, 0.0, 0.0, 1.0)))
+        out["mag_matrix"] = np.stack([
+            _per_particle(particles, optics, label, identity[label], where, optics_index)
+            for label in MAG_MATRIX_FIELDS], axis=1).reshape(-1, 2, 2)
+    return out
 
 
 def _optics_index(particles, optics, where) -> np.ndarray:
@@ -173,6 +224,7 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
         else:
             shift = [np.zeros(n), np.zeros(n)]
         meta["shift_A"] = np.stack(shift, axis=1)
+    meta.update(_aberrations(particles, optics, where, oidx))
     if "rlnCtfScalefactor" in particles.columns:  # multiplies the CTF: our per-particle scale
         meta["scale"] = _numeric(particles, "rlnCtfScalefactor", where)
     if "rlnClassNumber" in particles.columns:
@@ -243,6 +295,22 @@ POSTERIOR_FIELDS = {"log_likelihood": ("rlnLogLikeliContribution", np.float64),
                     "n_significant": ("rlnNrOfSignificantSamples", np.int64)}
 
 
+def _optics_aberrations(store: ParticleStore, members: np.ndarray) -> dict:
+    """An optics group's beam tilt, Zernike and magnification fields (its first particle's
+    values) for a written optics table; empty when the store has none."""
+    first = int(np.flatnonzero(members)[0])
+    extra = store.metadata(ABERRATION_COLUMNS, rows=slice(first, first + 1))
+    fields = {}
+    if "beam_tilt_mrad" in extra:
+        fields.update(zip(BEAM_TILT_FIELDS, map(float, extra["beam_tilt_mrad"][0])))
+    for column, label in ZERNIKE_FIELDS.items():
+        if column in extra:
+            fields[label] = "[" + ",".join(repr(float(v)) for v in extra[column][0]) + "]"
+    if "mag_matrix" in extra:
+        fields.update(zip(MAG_MATRIX_FIELDS, map(float, extra["mag_matrix"][0].ravel())))
+    return fields
+
+
 def export_star(store: ParticleStore, star_path, poses: dict | None = None,
                 write_images: bool | None = None) -> Path:
     """Write the store's particles (with ``poses``, or the store's own pose columns) as a RELION
@@ -310,6 +378,7 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
             "rlnImagePixelSize": info.pixel_size_A,
             "rlnImageSize": info.box_size,
             "rlnImageDimensionality": 2,
+            **_optics_aberrations(store, optics_group == g["optics_group"]),
         } for g in groups])
     star_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")

@@ -7,6 +7,8 @@ Layout (docs/design.md §4)::
       defocus_u_A, defocus_v_A, defocus_angle_deg, phase_shift_deg, bfactor_A2,
       voltage_kV, cs_mm, amplitude_contrast       (N,) float64   CTF, per particle
       optics_group (N,) int32, half_set (N,) int8  (0 = half A, 1 = half B; fixed at import)
+      beam_tilt_mrad (N, 2), odd_zernike (N, C), even_zernike (N, C), mag_matrix (N, 2, 2)
+                        optional optics beyond the CTF fit (RELION's optics group fields)
       rotation (N, 3, 3), shift_A (N, 2), scale (N,), class_id (N,)   poses, when known
       ground_truth/     the simulator's truth (rotation, shift_A, scale, …), never read by jobs
       star/             the original STAR particle columns, kept for a lossless export
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..core.aberrations import model_aberrations
 from .errors import InputError
 
 FORMAT = "dask_refine.particles"
@@ -57,10 +60,16 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "shift_A": ("float64", (2,)),
     "scale": ("float64", ()),
     "class_id": ("int32", ()),
+    "beam_tilt_mrad": ("float64", (2,)),
+    "mag_matrix": ("float64", (2, 2)),
 }
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
 REQUIRED_COLUMNS = CTF_COLUMNS + ("half_set",)
+#: Optional optics beyond the CTF fit (RELION's optics group fields, per particle as imported):
+#: beam tilt (τx, τy) in mrad, odd and even Zernike coefficients ``(N, C)`` in RELION's order,
+#: the 2×2 magnification matrix. See :mod:`dask_refine.core.aberrations`.
+ABERRATION_COLUMNS = ("beam_tilt_mrad", "odd_zernike", "even_zernike", "mag_matrix")
 GROUND_TRUTH = "ground_truth"
 POSE_COLUMNS = ("rotation", "shift_A", "scale", "class_id")  # what a job refines and exports
 STAR_GROUP = "star"
@@ -296,6 +305,14 @@ class ParticleStore:
         """Several top-level columns at once (missing optional pose columns are left out)."""
         return {name: self.read_column(name, rows=rows) for name in names
                 if self.has_column(name)}
+
+    def optics_metadata(self, rows=slice(None)) -> dict[str, np.ndarray]:
+        """The CTF columns and the image model's aberrations (``odd_zernike`` with the beam
+        tilt folded in as RELION does, ``even_zernike``, ``mag_matrix``; each only when the
+        store has it and it is not the identity) for the particles ``rows``."""
+        meta = self.metadata(CTF_COLUMNS, rows)
+        meta.update(model_aberrations({**meta, **self.metadata(ABERRATION_COLUMNS, rows)}))
+        return meta
 
     def poses(self, overrides: dict | None = None) -> dict[str, np.ndarray]:
         """Pose columns for an export: ``overrides`` (e.g. a job's refined ``rotation``,

@@ -81,6 +81,8 @@ def load_pose_metadata(store: ParticleStore, use_ctf: bool) -> dict[str, np.ndar
         if name != "scale" and not store.has_column(name):
             raise InputError(f"{store.path}/{name}", "required column is missing")
     meta = store.metadata(names)
+    if use_ctf:  # with the beam tilt, Zernike terms and magnification the store carries
+        meta.update(store.optics_metadata())
     for name, values in meta.items():
         bad = np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1))
         if bad.size:

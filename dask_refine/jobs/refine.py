@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backprojection import CTF_PARAMETERS, FourierSums, particle_ctfs
+from ..core.backprojection import CTF_PARAMETERS, FourierSums, optics_meta, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
 from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
@@ -315,7 +315,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     power = shell_mean((np.abs(centred_rfftn(images, 2)) ** 2).mean(axis=0), box, 2)
     # the first noise model from the images' background (coloured noise is not signal)
     noise_power = background_noise_power(images, radius_px, soft_edge_px=max(3.0, 0.05 * box))
-    ctf2 = (particle_ctfs({k: v[rows] for k, v in meta.items() if k in CTF_PARAMETERS}, box, px)
+    ctf2 = (particle_ctfs({k: v[rows] for k, v in optics_meta(meta).items()}, box, px)
             ** 2).mean(axis=0) if config.use_ctf else np.ones((box, box // 2 + 1))
     lowpass_shell = box * px / config.initial_lowpass_A
     references, noise = [], []
@@ -509,7 +509,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     # released, and the scheduler can lose it ("lost dependencies").
     if client is not None:
         settings = client.scatter(settings, broadcast=True, hash=False)
-    step_meta = {k: meta[k] for k in CTF_PARAMETERS if k in meta}
+    step_meta = optics_meta(meta)
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
     if params.local:
@@ -678,7 +678,9 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
     done = check_resumable(outputs, cfg_dict, config.resume, RESUME_KEYS, LEGACY_SETTINGS)
     write_json(out / "config.json", cfg_dict)
     outputs.publish("config.json")
-    meta = store.metadata(["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else []))
+    meta = store.metadata(["half_set"])
+    if config.use_ctf:  # the CTF with the beam tilt, Zernike terms and magnification stored
+        meta.update(store.optics_metadata())
     groups = (meta["half_set"].astype(np.int64) * config.alignment_folds
               + alignment_folds(meta["half_set"], config.alignment_folds))
     radius_px, max_shift_px = _geometry(config, box, px)

@@ -178,6 +178,14 @@ def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    metavar="Å²", help="B-factor in Å² of an amplitude envelope exp(-B|k|²/4) "
                    "on the signal that the store's CTF bfactor_A2 column does not declare, ≥ 0 "
                    "(default: %(default)s)")
+    g.add_argument("--beam-tilt-mrad", type=float, nargs=2, default=d.beam_tilt_mrad,
+                   metavar=("TX", "TY"), help="beam tilt in mrad, applied to every image and "
+                   "written into the store as RELION's rlnBeamTiltX/Y would be "
+                   "(default: none)")
+    g.add_argument("--mag-matrix", type=float, nargs=4, default=d.mag_matrix,
+                   metavar=("M00", "M01", "M10", "M11"), help="anisotropic magnification "
+                   "matrix (RELION's rlnMagMat00…11), applied and written into the store "
+                   "(default: the identity)")
 
 
 def _simulation_config(args):
@@ -194,7 +202,8 @@ def _simulation_config(args):
             shift_sigma_A=args.shift_sigma_A, chunk_size=args.chunk_size, seed=args.seed,
             junk_fraction=args.junk_fraction, preferred_view_fraction=args.preferred_view_fraction,
             preferred_view_spread_deg=args.preferred_view_spread_deg,
-            noise_color=args.noise_color, envelope_bfactor_A2=args.envelope_bfactor_A2)
+            noise_color=args.noise_color, envelope_bfactor_A2=args.envelope_bfactor_A2,
+            beam_tilt_mrad=tuple(args.beam_tilt_mrad), mag_matrix=tuple(args.mag_matrix))
     except InputError as exc:
         if exc.where not in {f.name for f in fields(SimulationConfig)}:
             raise
