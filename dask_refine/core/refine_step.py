@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
 from .aberrations import magnified_rotations
-from .backprojection import FourierSums, observed_rfft, particle_ctfs
-from .fourier import centred_rfftn, translate_rfft
+from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
+from .backprojection import FourierSums, observed_rfft, optics_meta, particle_ctfs
+from .ctf_refine import phase_sums, refine_defocus
+from .fourier import translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
 from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound, pose_errors
 from .posterior import class_evidence, significant_poses, softmax
@@ -59,6 +60,11 @@ class EStepOptions:
     docs/design-notes.md, "Leaving the particle's fold out"); references, envelopes and sums
     are then indexed ``(class · 2 + half) · F + fold`` and ``groups`` is ``half · F + fold``.
     F = 1: one reference per half (and class) that holds every particle of the half.
+    CTF refinement at the best pose against the particle's own (fold-out) reference of its
+    best class (:mod:`.ctf_refine`): ``defocus_range_A`` > 0 searches each particle's defocus
+    offset within ± that range (``StepResult.defocus_offset_A``); ``fit_beam_tilt`` sums the
+    phase evidence per optics group (``meta["optics_group"]``, 0-based;
+    ``StepResult.phase_sums``).
     """
 
     n_classes: int = 1
@@ -71,6 +77,8 @@ class EStepOptions:
     cross_half_classes: bool = True
     random_class_seed: int | None = None
     alignment_folds: int = 1
+    defocus_range_A: float = 0.0
+    fit_beam_tilt: bool = False
 
 
 @dataclass
@@ -99,6 +107,8 @@ class StepResult:
     posterior_sd_deg: np.ndarray | None = None  # (B,)
     capped: np.ndarray | None = None  # (B,) the cap dropped poses the bound kept (any class)
     pruning: np.ndarray | None = None  # (levels, 3) batch sums of SearchResult.pruning
+    defocus_offset_A: np.ndarray | None = None  # (B,) best defocus change (CTF refinement)
+    phase_sums: dict | None = None  # optics group → (D, H) complex phase evidence
 
 
 def class_posteriors(errors) -> np.ndarray:
@@ -221,6 +231,36 @@ def _sliced_at(rotations, slice_matrix):
     return rotations if slice_matrix is None else np.matmul(slice_matrix, rotations)
 
 
+def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_weights,
+                  slice_matrix, r_max: float, pixel_size_A: float, options: EStepOptions):
+    """CTF refinement's per-particle defocus offsets and per-group phase sums for the batch
+    ``rows`` at their best poses (:mod:`.ctf_refine`), written into ``out``."""
+    xp = array_module(x)
+    box = x.shape[-2]
+    best = out.class_id[rows] if out.class_id is not None else np.zeros(rows.size, np.int64)
+    for k in np.unique(best):
+        mine = rows[best == k]
+        mine_d = xp.asarray(mine)
+        slices = extract_central_slices_rfft(references[k], _sliced_at(out.rotation[mine],
+                                                                       slice_matrix), box)
+        centred = translate_rfft(x[mine_d], out.origin_px[mine])
+        if options.defocus_range_A > 0:
+            if out.defocus_offset_A is None:
+                out.defocus_offset_A = np.zeros(out.rotation.shape[0])
+            optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
+            out.defocus_offset_A[mine] = refine_defocus(
+                centred, slices, optics, scale[mine], class_weights[k], pixel_size_A, r_max,
+                options.defocus_range_A)
+        if options.fit_beam_tilt:
+            out.phase_sums = {} if out.phase_sums is None else out.phase_sums
+            prediction = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d] * slices
+            group = np.asarray(meta["optics_group"])[mine]
+            for g in np.unique(group):
+                at = xp.asarray(np.flatnonzero(group == g))
+                z = phase_sums(centred[at], prediction[at], class_weights[k])
+                out.phase_sums[int(g)] = out.phase_sums.get(int(g), 0) + z
+
+
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,
                      noise_weight, params: SearchParams, pixel_size_A: float,
                      scale_max_shell: float, first_index: int = 0,
@@ -307,6 +347,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         drawn = (None if options.random_class_seed is None or k_total == 1 else
                  random_classes(options.random_class_seed, first_index + sel_host, k_total))
         poses = _posteriors(found, options, out, sel_host, offsets, cross, drawn)
+        if options.defocus_range_A > 0 or options.fit_beam_tilt:
+            _ctf_evidence(out, sel_host, x, ctf, scale, meta, [references[g] for g in own_group],
+                          class_weights, slice_matrix, params.r_align, pixel_size_A, options)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)
         x_h, ctf_h, s_h = x[sel], ctf[sel], scale[sel_host]
         for k in range(k_total):

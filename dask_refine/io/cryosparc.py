@@ -513,8 +513,10 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     if raw is None:  # cryoSPARC's CTF scale is not ours (alignments3D/alpha is): neutral
         emit("ctf/scale", np.ones(n), np.float32)
     emit("ctf/exp_group_id", current["optics_group"], np.uint32, unchanged("optics_group"))
-    if store.has_column("beam_tilt_mrad"):  # Cs·sin(τ) in Å, the inverse of the import's
-        current["beam_tilt_mrad"] = store.read_column("beam_tilt_mrad")
+    if "beam_tilt_mrad" in poses or store.has_column("beam_tilt_mrad"):
+        # refined or filed; Cs·sin(τ) in Å, the inverse of the import's conversion
+        current["beam_tilt_mrad"] = (poses["beam_tilt_mrad"] if "beam_tilt_mrad" in poses
+                                     else store.read_column("beam_tilt_mrad"))
         emit("ctf/tilt_A", current["cs_mm"][:, None] * 1e7
              * np.sin(1e-3 * current["beam_tilt_mrad"]), np.float32, unchanged("beam_tilt_mrad"))
 

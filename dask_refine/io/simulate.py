@@ -29,6 +29,10 @@ Optics beyond the CTF fit (off by default; written into the store's ``beam_tilt_
 ``mag_matrix`` columns, as an import of a RELION STAR with those fields would): ``beam_tilt_mrad``
 phases every prediction by ``e^{iφ}`` and ``mag_matrix`` magnifies it, exactly as RELION's
 observation model predicts an image (:mod:`dask_refine.core.aberrations`).
+``defocus_error_A``: the images are made with the true defocus, but the store's defocus columns
+are off by a Gaussian error of that standard deviation per particle (U and V alike, seed stream
+``[seed, 7]``), as a CTF fit on thick ice would be; the true values go to
+``ground_truth/defocus_u_A`` and ``ground_truth/defocus_v_A``.
 
 The truth (rotation, shift_A, scale, is_junk, junk_kind) is written under ``ground_truth/``
 where no job reads it; ``write_poses=True`` also copies the poses to the top-level pose columns,
@@ -93,8 +97,11 @@ class SimulationConfig:
     envelope_bfactor_A2: float = 0.0
     beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
     mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)  # M00, M01, M10, M11
+    defocus_error_A: float = 0.0
 
     def __post_init__(self):
+        if not self.defocus_error_A >= 0.0:
+            raise InputError("defocus_error_A", f"must be ≥ 0 Å, not {self.defocus_error_A}")
         if len(self.beam_tilt_mrad) != 2 or not all(map(math.isfinite, self.beam_tilt_mrad)):
             raise InputError("beam_tilt_mrad", f"expected two finite numbers (τx, τy), not "
                              f"{self.beam_tilt_mrad!r}")
@@ -357,7 +364,13 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
                  "amplitude_contrast": config.amplitude_contrast}],
         provenance=provenance, storage_options=storage_options,
     )
-    for name, values in meta.items():
+    filed = dict(meta)
+    if config.defocus_error_A > 0:
+        error = np.random.default_rng([config.seed, 7]).normal(0.0, config.defocus_error_A, n)
+        for name in ("defocus_u_A", "defocus_v_A"):
+            filed[name] = meta[name] + error
+            store.write_column(name, meta[name], group=GROUND_TRUTH)
+    for name, values in filed.items():
         store.write_column(name, values)
     for name, values in truth.items():
         store.write_column(name, values, group=GROUND_TRUTH)
@@ -411,6 +424,9 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
                          "missing, but the simulation made junk; cannot tell junk rows apart")
     sigma = float(provenance["noise_sigma"])
     meta = store.metadata(list(CTF_COLUMNS + ABERRATION_COLUMNS))
+    for name in ("defocus_u_A", "defocus_v_A"):  # the true defocus, where the filed one errs
+        if store.has_column(name, group=GROUND_TRUTH):
+            meta[name] = store.read_column(name, group=GROUND_TRUTH)
     truth = {k: store.read_column(k, group=GROUND_TRUTH) for k in ("rotation", "shift_A", "scale")}
     reference = prepare_reference_rfft(np.asarray(volume, np.float32),
                                        int(sim.get("pad", DEFAULT_PAD)))

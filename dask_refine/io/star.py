@@ -346,8 +346,8 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         columns["rlnImageName"] = np.array([f"{i + 1:06d}@{stack.name}" for i in range(n)])
     optics_group = store.read_column("optics_group")
     columns["rlnOpticsGroup"] = optics_group.astype(np.int64)
-    for column, (label, _) in CTF_FIELDS.items():
-        columns[label] = store.read_column(column)
+    for column, (label, _) in CTF_FIELDS.items():  # a refinement's refined values, or the filed
+        columns[label] = poses[column] if column in poses else store.read_column(column)
     if "rotation" in poses:
         rot, tilt, psi = matrix_to_euler(np.asarray(poses["rotation"], dtype=np.float64))
         columns.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
@@ -364,7 +364,6 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         if key in poses:
             columns[label] = np.asarray(poses[key]).astype(dtype)
     columns["rlnRandomSubset"] = store.read_column("half_set").astype(np.int64) + 1
-    particles = pd.DataFrame(columns)
 
     optics = pd.DataFrame(attrs.get("star_optics") or [])
     if optics.empty or "rlnImagePixelSize" not in optics.columns:
@@ -380,6 +379,18 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
             "rlnImageDimensionality": 2,
             **_optics_aberrations(store, optics_group == g["optics_group"]),
         } for g in groups])
+        group_of_row = optics["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+    else:  # the imported table: its row i is the store's optics group i + 1
+        group_of_row = np.arange(1, len(optics) + 1)
+        columns["rlnOpticsGroup"] = optics["rlnOpticsGroup"].to_numpy()[optics_group - 1]
+    if "beam_tilt_mrad" in poses:  # a refinement's beam tilt, per optics group (table row)
+        tilt = np.asarray(poses["beam_tilt_mrad"], np.float64)
+        for row, group in enumerate(group_of_row):
+            members = np.flatnonzero(optics_group == group)
+            if members.size:
+                optics.loc[row, "rlnBeamTiltX"] = tilt[members[0], 0]
+                optics.loc[row, "rlnBeamTiltY"] = tilt[members[0], 1]
+    particles = pd.DataFrame(columns)
     star_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")
     starfile.write({"optics": optics, "particles": particles}, tmp, float_format=FLOAT_FORMAT)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backprojection import CTF_PARAMETERS, FourierSums, optics_meta, particle_ctfs
+from ..core.backprojection import CTF_PARAMETERS, FourierSums, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
 from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
@@ -51,6 +51,7 @@ from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
 from ..parallel.mapreduce import refine_graph
+from .ctf_refinement import image_model, load_optics, refine_from_evidence, refined_columns
 from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
@@ -67,7 +68,8 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "first_level_candidates", "local_search",
                "min_global_iterations", "max_far_jump_fraction", "marginalize", "use_ctf", "pad",
                "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
-               "alignment_folds")
+               "alignment_folds", "per_particle_defocus", "defocus_range_A", "per_group_ctf",
+               "ctf_refine_from_A")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
 #: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
@@ -75,11 +77,13 @@ ALIGNMENT_REFERENCES = "alignment_references.npy"
 DEFAULT_ALIGNMENT_FOLDS = 4
 FOLD_SUMS_BUDGET = 2 << 30
 #: What a checkpoint written before a resume key existed ran with.
-LEGACY_SETTINGS = {"alignment_folds": 1}
+LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False, "defocus_range_A": 2000.0,
+                   "per_group_ctf": False, "ctf_refine_from_A": 8.0}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
-                        "pruned_by_bound_fraction", "pruned_by_cap_fraction", "capped_fraction")
+                        "pruned_by_bound_fraction", "pruned_by_cap_fraction", "capped_fraction",
+                        "mean_defocus_change_A")
 #: Poses whose error is within this of the best (posterior weight ≥ 10⁻⁴ of the best's) are
 #: the candidates the E-step weighs: −2 log 10⁻⁴.
 POSTERIOR_WINDOW = float(2.0 * np.log(1e4))
@@ -132,6 +136,12 @@ class RefineConfig:
     one protein the models' estimation noise biases every particle toward the larger class
     (docs/design-notes.md, "Per-class noise").
 
+    CTF refinement (docs/design.md §3; :mod:`..core.ctf_refine`), once an iteration starts at
+    ``ctf_refine_from_A`` or better: ``per_particle_defocus`` refits each particle's defocus
+    (U and V together, within ± ``defocus_range_A`` of the file's) at its best pose, and
+    ``per_group_ctf`` each optics group's beam tilt, from the phases the particles leave against
+    their references; both go into ``particles.star`` / ``particles.cs`` and iterations.csv.
+
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
     (:mod:`..core.nonuniform`); the final outputs add ``map_nu.mrc`` and
@@ -170,6 +180,12 @@ class RefineConfig:
     alignment_margin_shells: float = 4.0
     band_limited_reconstruction: bool = True
     use_ctf: bool = True
+    # CTF refinement inside refinement, from the first iteration that starts at a resolution
+    # of ctf_refine_from_A or better (cryoSPARC's default threshold)
+    per_particle_defocus: bool = False
+    defocus_range_A: float = 2000.0
+    per_group_ctf: bool = False
+    ctf_refine_from_A: float = 8.0
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
     pad: int = DEFAULT_PAD
@@ -188,6 +204,8 @@ class RefineConfig:
                              f"{self.n_classes} classes: give one map per class, or one map")
         if self.alignment_folds is not None and self.alignment_folds < 1:
             raise InputError("alignment_folds", f"must be at least 1, not {self.alignment_folds}")
+        if not self.defocus_range_A > 0:
+            raise InputError("defocus_range_A", f"must be > 0 Å, not {self.defocus_range_A}")
         if self.first_level_candidates < 1:
             raise InputError("first_level_candidates",
                              f"must be at least 1, not {self.first_level_candidates}")
@@ -221,6 +239,10 @@ class State:
     # (2K·F) references each particle is searched against, index (class · 2 + half) · F + fold:
     # its half's map without its fold (None: the half maps themselves)
     alignment_references: list | None = None
+    # CTF refinement: each particle's defocus offset from its file's (N,), and the beam tilt
+    # (G, 2) mrad of each optics group (in the order of np.unique(optics_group)); None: as filed
+    defocus_offset_A: np.ndarray | None = None
+    beam_tilt_mrad: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:
@@ -315,7 +337,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     power = shell_mean((np.abs(centred_rfftn(images, 2)) ** 2).mean(axis=0), box, 2)
     # the first noise model from the images' background (coloured noise is not signal)
     noise_power = background_noise_power(images, radius_px, soft_edge_px=max(3.0, 0.05 * box))
-    ctf2 = (particle_ctfs({k: v[rows] for k, v in optics_meta(meta).items()}, box, px)
+    ctf2 = (particle_ctfs({k: v[rows] for k, v in image_model(meta).items()}, box, px)
             ** 2).mean(axis=0) if config.use_ctf else np.ones((box, box // 2 + 1))
     lowpass_shell = box * px / config.initial_lowpass_A
     references, noise = [], []
@@ -401,6 +423,9 @@ def _estep_options(config, state: State) -> EStepOptions:
     iteration's class fractions, floored at 0.1% so that no class is shut out for good)."""
     prior = (None if state.class_fraction is None
              else tuple(np.log(np.maximum(state.class_fraction, 1e-3)).tolist()))
+    # CTF refinement from the first iteration that starts at ctf_refine_from_A or better
+    refine_ctf = (config.use_ctf and state.iteration > 0
+                  and state.resolution_A <= config.ctf_refine_from_A)
     return EStepOptions(n_classes=state.n_classes,
                         soft_classes=config.soft_classes and state.n_classes > 1,
                         marginalize=config.marginalize, log_class_prior=prior,
@@ -409,7 +434,10 @@ def _estep_options(config, state: State) -> EStepOptions:
                                            and _random_start(config) else None),
                         backprojection_max_shell=(state.r_align if config.band_limited_reconstruction
                                                   else None),
-                        alignment_folds=config.alignment_folds)
+                        alignment_folds=config.alignment_folds,
+                        defocus_range_A=(config.defocus_range_A if config.per_particle_defocus
+                                         and refine_ctf else 0.0),
+                        fit_beam_tilt=config.per_group_ctf and refine_ctf)
 
 
 def outlier_fraction(log_likelihood) -> float:
@@ -452,6 +480,10 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
                                                  "class_fraction": state.class_fraction}
     if state.alignment_references is not None:  # what the next iteration aligns against
         np.save(folder / ALIGNMENT_REFERENCES, np.stack(state.alignment_references))
+    if state.defocus_offset_A is not None:
+        classes["defocus_offset_A"] = state.defocus_offset_A
+    if state.beam_tilt_mrad is not None:
+        classes["beam_tilt_mrad"] = state.beam_tilt_mrad
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
              scale=state.scale,  # σ² per shell; (K, shells) with several classes
              sigma2=state.sigma2[0] if state.n_classes == 1 else state.sigma2,
@@ -485,6 +517,9 @@ def _load_state(out_dir, iteration: int) -> State:
                  class_fraction=arrays["class_fraction"] if "class_fraction" in arrays else None,
                  far_jump_fraction=js.get("far_jump_fraction", 0.0),  # older checkpoints
                  alignment_references=aligned,
+                 defocus_offset_A=(arrays["defocus_offset_A"] if "defocus_offset_A" in arrays
+                                   else None),
+                 beam_tilt_mrad=arrays["beam_tilt_mrad"] if "beam_tilt_mrad" in arrays else None,
                  **{k: js[k] for k in ("local", "level", "pose_change_deg",
                                        "pose_change_sampling_deg", "best_pose_change_deg",
                                        "angular_accuracy_deg")})
@@ -504,12 +539,14 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     reliable = state.r_align - config.alignment_margin_shells
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
                 max(2.0, reliable), _estep_options(config, state))
+    # (the options are rebuilt below from the same state: the same values)
     # hash=False: fresh keys every iteration. With content-hashed keys, a setting equal to the
     # last iteration's (the pixel size, a flag) gets the same key while that key is being
     # released, and the scheduler can lose it ("lost dependencies").
     if client is not None:
         settings = client.scatter(settings, broadcast=True, hash=False)
-    step_meta = optics_meta(meta)
+    step_meta = (image_model(meta, state.defocus_offset_A, state.beam_tilt_mrad)
+                 if config.use_ctf else {})
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
     if params.local:
@@ -533,6 +570,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
               "n_significant", "max_posterior", "log_likelihood", "posterior_sd_deg", "capped")
     if n_classes > 1:
         fields += ("class_id", "class_weight")
+    options = _estep_options(config, state)
+    if options.defocus_range_A > 0:
+        fields += ("defocus_offset_A",)
     per_particle = {f: np.concatenate([getattr(step, f) for _, step in results]) for f in fields}
     order = np.argsort(np.concatenate([np.full(step.rotation.shape[0], start)
                                        for start, step in results]), kind="stable")
@@ -544,6 +584,15 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     noise_sums = sum(step.noise_sums for _, step in results)
     pruning = sum(step.pruning for _, step in results)  # (levels, 3)
     noise_counts = sum(step.noise_counts for _, step in results)
+    phase = None
+    if options.fit_beam_tilt:
+        phase = {}
+        for _, step in results:
+            for g, z in (step.phase_sums or {}).items():
+                phase[g] = phase.get(g, 0) + z
+    defocus_offset, beam_tilt, ctf_stats = refine_from_evidence(
+        meta, state.defocus_offset_A, state.beam_tilt_mrad, per_particle.get("defocus_offset_A"),
+        phase, config.defocus_range_A, params.r_align, box, px)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
     fold_sums = sums
@@ -618,7 +667,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                     min(state.level or params.last_level, params.last_level)),
                 best_pose_change_deg=min(changed, state.best_pose_change_deg),
                 angular_accuracy_deg=accuracy, far_jump_fraction=far,
-                class_fraction=fraction, alignment_references=alignment if folds > 1 else None)
+                class_fraction=fraction, alignment_references=alignment if folds > 1 else None,
+                defocus_offset_A=defocus_offset, beam_tilt_mrad=beam_tilt)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "local_level": params.local_level if params.local else None,
              "median_pose_change_deg": changed, "far_jump_fraction": far,
@@ -635,6 +685,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
              "pruned_by_bound_fraction": float(pruning[:, 1].sum() / max(1, pruning[:, 0].sum())),
              "pruned_by_cap_fraction": float(pruning[:, 2].sum() / max(1, pruning[:, 0].sum())),
              "capped_fraction": float(np.mean(per_particle["capped"])),
+             **ctf_stats,
              "mean_pruned_by_bound": float(pruning[:, 1].sum() / n),
              "mean_pruned_by_cap": float(pruning[:, 2].sum() / n),
              "pruning_by_level": [dict(level=int(lvl), candidates=int(c), pruned_by_bound=int(pb),
@@ -679,8 +730,8 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
     write_json(out / "config.json", cfg_dict)
     outputs.publish("config.json")
     meta = store.metadata(["half_set"])
-    if config.use_ctf:  # the CTF with the beam tilt, Zernike terms and magnification stored
-        meta.update(store.optics_metadata())
+    if config.use_ctf:  # the CTF, optics groups, beam tilt, Zernike terms and magnification
+        meta.update(load_optics(store))
     groups = (meta["half_set"].astype(np.int64) * config.alignment_folds
               + alignment_folds(meta["half_set"], config.alignment_folds))
     radius_px, max_shift_px = _geometry(config, box, px)
@@ -799,6 +850,12 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         per_class[f"class_{k + 1}_resolution_A"] = [r["class_resolutions_A"][k] for r in rows]
     if per_class:
         per_class["class_change_fraction"] = [r["class_change_fraction"] for r in rows]
+    tilts = [r.get("beam_tilt_mrad") for r in rows]
+    n_groups = max((len(t) for t in tilts if t), default=0)
+    for g in range(n_groups):  # the beam tilt each iteration refined, per optics group
+        for axis, name in enumerate("xy"):
+            per_class[f"beam_tilt_{name}_mrad_group_{g + 1}"] = [
+                t[g][axis] if t else math.nan for t in tilts]
     write_csv(out / "iterations.csv", {
         "iteration": [r["iteration"] for r in rows],
         "resolution_A": [r["resolution_A"] for r in rows],
@@ -817,6 +874,11 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
              "scale": state.scale}
     with np.load(last / "poses.npz") as arrays:
         poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})
+    if state.defocus_offset_A is not None or state.beam_tilt_mrad is not None:
+        refined = refined_columns(load_optics(store), state.defocus_offset_A,
+                                  state.beam_tilt_mrad)
+        poses.update({k: refined[k] for k in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad")
+                      if k in refined})
     if state.class_id is not None:
         poses["class_id"] = state.class_id
     star = export_star(store, out / "particles.star", poses=poses)

@@ -178,6 +178,10 @@ def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    metavar="Å²", help="B-factor in Å² of an amplitude envelope exp(-B|k|²/4) "
                    "on the signal that the store's CTF bfactor_A2 column does not declare, ≥ 0 "
                    "(default: %(default)s)")
+    g.add_argument("--defocus-error-A", type=float, default=d.defocus_error_A, metavar="SD",
+                   help="file each particle's defocus off by a Gaussian error of this standard "
+                   "deviation in Å (the images keep the true one, kept under ground_truth/), "
+                   "as a CTF fit on thick ice would (default: %(default)s)")
     g.add_argument("--beam-tilt-mrad", type=float, nargs=2, default=d.beam_tilt_mrad,
                    metavar=("TX", "TY"), help="beam tilt in mrad, applied to every image and "
                    "written into the store as RELION's rlnBeamTiltX/Y would be "
@@ -203,7 +207,8 @@ def _simulation_config(args):
             junk_fraction=args.junk_fraction, preferred_view_fraction=args.preferred_view_fraction,
             preferred_view_spread_deg=args.preferred_view_spread_deg,
             noise_color=args.noise_color, envelope_bfactor_A2=args.envelope_bfactor_A2,
-            beam_tilt_mrad=tuple(args.beam_tilt_mrad), mag_matrix=tuple(args.mag_matrix))
+            beam_tilt_mrad=tuple(args.beam_tilt_mrad), mag_matrix=tuple(args.mag_matrix),
+            defocus_error_A=args.defocus_error_A)
     except InputError as exc:
         if exc.where not in {f.name for f in fields(SimulationConfig)}:
             raise
@@ -317,6 +322,8 @@ def cmd_refine(args) -> int:
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, first_level_candidates=args.first_level_candidates,
         alignment_folds=args.alignment_folds, use_ctf=not args.no_ctf, symmetry=args.symmetry,
+        per_particle_defocus=args.per_particle_defocus, defocus_range_A=args.defocus_range_A,
+        per_group_ctf=args.per_group_ctf, ctf_refine_from_A=args.ctf_refine_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
@@ -477,6 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "against a map that holds its own noise (default: 4, fewer where their "
                        "sums would pass 2 GiB per E-step chain, e.g. 1 at box 256; 1: the half "
                        "map itself, as RELION)")
+        g = p.add_argument_group("CTF refinement (once an iteration starts at "
+                                 "--ctf-refine-from-A or better)")
+        g.add_argument("--per-particle-defocus", action="store_true",
+                       help="refit each particle's defocus (U and V together) at its refined "
+                       "pose against the current reference")
+        g.add_argument("--defocus-range-A", type=float, default=d.defocus_range_A, metavar="Å",
+                       help="how far a particle's defocus may move from its file's value "
+                       "(default: ±%(default)s)")
+        g.add_argument("--per-group-ctf", action="store_true",
+                       help="refit each optics group's beam tilt from the phases its particles "
+                       "leave against the reference (RELION's CtfRefine --fit_beamtilt)")
+        g.add_argument("--ctf-refine-from-A", type=float, default=d.ctf_refine_from_A,
+                       metavar="Å", help="start CTF refinement once the resolution reaches "
+                       "this (default: %(default)s Å)")
         p.add_argument("--no-marginalize", action="store_true",
                        help="backproject each particle at its best pose only (default: over "
                        "its significant poses with their posterior weights, as RELION)")
