@@ -52,10 +52,17 @@ def test_refine_defocus_recovers_a_filed_error(demo_map, tmp_path):
                  defocus_v_A=meta["defocus_v_A"] + error)
     found = refine_defocus(x, slices, filed, truth["scale"], np.ones((64, 33)), px, 28.0,
                            2000.0)
-    np.testing.assert_allclose(found, -error, atol=8.0)
+    np.testing.assert_allclose(found, np.c_[-error, -error], atol=8.0)
     # the range is respected
     near = refine_defocus(x, slices, filed, truth["scale"], np.ones((64, 33)), px, 28.0, 200.0)
     assert np.all(np.abs(near) <= 200.0)
+    # U and V filed apart (astigmatism off by ±150 Å): found apart
+    apart = dict(filed, defocus_u_A=filed["defocus_u_A"] + 150.0,
+                 defocus_v_A=filed["defocus_v_A"] - 150.0)
+    found = refine_defocus(x[:3], slices[:3], {k: v[:3] for k, v in apart.items()},
+                           truth["scale"][:3], np.ones((64, 33)), px, 28.0, 2000.0,
+                           astigmatism=True)
+    np.testing.assert_allclose(found, np.c_[-error[:3] - 150.0, -error[:3] + 150.0], atol=12.0)
 
 
 def test_fit_beam_tilt_recovers_the_tilt(demo_map, tmp_path):

@@ -6,7 +6,8 @@ and reference held at their current values, over the alignment band, under the n
 (weights w = 1/σ², Hermitian multiplicities m):
 
 * **Defocus** (RELION's CtfRefine ``--fit_defocus``, cryoSPARC's per-particle defocus): one
-  offset Δ added to both defocus_U and defocus_V (astigmatism and its angle kept),
+  offset Δ added to both defocus_U and defocus_V (astigmatism and its angle kept; optionally
+  U and V then apart, the astigmatism's angle kept),
   ``E(Δ) = Σ_k m w |X_k − s C_k(Δ) P_k|²`` = const − 2s Σ m w C(Δ) Re(P̄X) + s² Σ m w C(Δ)² |P|²,
   evaluated on a grid of offsets (``step_A``) over ``±range_A`` and refined by the parabola
   through the best grid point and its neighbours.
@@ -39,8 +40,9 @@ def band_rfft_mask(box_size: int, r_max: float):
 
 
 def defocus_errors(x_centred, slices, meta: dict, scale, noise_weight, pixel_size_A: float,
-                   r_max: float, offsets_A):
-    """Errors ``(B, O)`` of each particle with its defocus U and V moved by each offset.
+                   r_max: float, offsets_A, offsets_v_A=None):
+    """Errors ``(B, O)`` of each particle with its defocus U and V moved by each offset
+    (``offsets_v_A``, the same length: V moved by those instead; astigmatism).
 
     ``x_centred``: ``(B, D, H)`` observed rffts, demodulated and centred at the particle's
     origin; ``slices``: ``(B, D, H)`` the reference's slices at the poses (no CTF);
@@ -56,25 +58,28 @@ def defocus_errors(x_centred, slices, meta: dict, scale, noise_weight, pixel_siz
     cross = mw * np.real(np.conj(p) * x)  # (B, M)
     power = mw * np.abs(p) ** 2
     norm_x = np.sum(mw * np.abs(x) ** 2, axis=1)  # (B,)
-    ctf = _band_ctfs(meta, box, pixel_size_A, sel, np.asarray(offsets_A, np.float64))
+    du = np.asarray(offsets_A, np.float64)
+    dv = du if offsets_v_A is None else np.asarray(offsets_v_A, np.float64)
+    ctf = _band_ctfs(meta, box, pixel_size_A, sel, du, dv)
     s = np.asarray(scale, np.float64).reshape(-1, 1)
     return (norm_x[:, None] - 2.0 * s * np.einsum("bom,bm->bo", ctf, cross)
             + s * s * np.einsum("bom,bm->bo", ctf * ctf, power))
 
 
-def _band_ctfs(meta, box, pixel_size_A, sel, offsets):
-    """CTFs ``(B, O, M)`` at the band pixels ``sel`` with defocus U and V moved by each offset."""
+def _band_ctfs(meta, box, pixel_size_A, sel, offsets_u, offsets_v):
+    """CTFs ``(B, O, M)`` at the band pixels ``sel`` with defocus U and V moved by each pair of
+    offsets."""
     n = np.asarray(meta["defocus_u_A"]).shape[0]
     mags = np.asarray(meta["mag_matrix"], np.float64).reshape(n, 2, 2) if "mag_matrix" in meta \
         else np.tile(np.eye(2), (n, 1, 1))
     even = per_particle_zernike(meta, "even_zernike", box, pixel_size_A)
     fx, fy = aberration_frequencies(box, pixel_size_A)
     fx, fy = fx.ravel()[sel], fy.ravel()[sel]
-    out = np.empty((n, offsets.size, sel.size))
+    out = np.empty((n, offsets_u.size, sel.size))
     for b in range(n):
         params = {k: float(np.asarray(meta[k])[b]) for k in CTF_PARAMETERS}
-        params["defocus_u_A"] = params["defocus_u_A"] + offsets[:, None]
-        params["defocus_v_A"] = params["defocus_v_A"] + offsets[:, None]
+        params["defocus_u_A"] = params["defocus_u_A"] + offsets_u[:, None]
+        params["defocus_v_A"] = params["defocus_v_A"] + offsets_v[:, None]
         out[b] = ctf_2d(fx[None, :], fy[None, :], mag_matrix=mags[b],
                         gamma_offset=0.0 if even is None else even[b].ravel()[sel][None, :],
                         **params)
@@ -82,23 +87,39 @@ def _band_ctfs(meta, box, pixel_size_A, sel, offsets):
 
 
 def refine_defocus(x_centred, slices, meta: dict, scale, noise_weight, pixel_size_A: float,
-                   r_max: float, range_A: float, step_A: float = DEFOCUS_STEP_A) -> np.ndarray:
-    """Per-particle defocus offsets ``(B,)`` in Å (added to U and V) that minimise
-    :func:`defocus_errors` over ``[−range_A, range_A]``: the best of a grid of ``step_A``,
-    then the vertex of the parabola through it and its neighbours (clamped to the range)."""
+                   r_max: float, range_A: float, step_A: float = DEFOCUS_STEP_A,
+                   astigmatism: bool = False) -> np.ndarray:
+    """Per-particle defocus offsets ``(B, 2)`` in Å (U, V) that minimise
+    :func:`defocus_errors`: one offset for both within ``[−range_A, range_A]``, the best of a
+    grid of ``step_A`` refined by the vertex of the parabola through it and its neighbours
+    (clamped to the range). With ``astigmatism`` U and V then move apart: a 50 Å grid over
+    ±300 Å about that offset, then a 10 Å grid over ±50 Å about its best."""
     n_steps = max(1, int(round(range_A / step_A)))
     grid = np.linspace(-n_steps * step_A, n_steps * step_A, 2 * n_steps + 1)
-    errors = defocus_errors(x_centred, slices, meta, scale, noise_weight, pixel_size_A, r_max,
-                            grid)
+    args = (x_centred, slices, meta, scale, noise_weight, pixel_size_A, r_max)
+    errors = defocus_errors(*args, grid)
     best = np.argmin(errors, axis=1)
-    out = grid[best].copy()
+    common = grid[best].copy()
     inner = (best > 0) & (best < grid.size - 1)
     rows = np.flatnonzero(inner)
     e_m, e_0, e_p = (errors[rows, best[rows] + d] for d in (-1, 0, 1))
     curvature = e_m - 2.0 * e_0 + e_p
     ok = curvature > 0
-    out[rows[ok]] += 0.5 * step_A * (e_m[ok] - e_p[ok]) / curvature[ok]
-    return np.clip(out, -range_A, range_A)
+    common[rows[ok]] += 0.5 * step_A * (e_m[ok] - e_p[ok]) / curvature[ok]
+    out = np.repeat(np.clip(common, -range_A, range_A)[:, None], 2, axis=1)
+    if not astigmatism:
+        return out
+    for half_width, step in ((300.0, 50.0), (50.0, 10.0)):
+        d = np.arange(-half_width, half_width + 1e-9, step)
+        du, dv = (g.ravel() for g in np.meshgrid(d, d, indexing="ij"))
+        for b in range(out.shape[0]):  # each particle about its own centre
+            one = (x_centred[b:b + 1], slices[b:b + 1], {k: np.asarray(v)[b:b + 1]
+                                                          for k, v in meta.items()},
+                   np.asarray(scale)[b:b + 1], noise_weight, pixel_size_A, r_max)
+            e = defocus_errors(*one, out[b, 0] + du, out[b, 1] + dv)[0]
+            i = int(np.argmin(e))
+            out[b] = np.clip(out[b] + [du[i], dv[i]], -range_A, range_A)
+    return out
 
 
 def tilt_basis(box_size: int, pixel_size_A: float, cs_mm: float, voltage_kV: float,

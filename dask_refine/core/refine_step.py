@@ -62,7 +62,8 @@ class EStepOptions:
     F = 1: one reference per half (and class) that holds every particle of the half.
     CTF refinement at the best pose against the particle's own (fold-out) reference of its
     best class (:mod:`.ctf_refine`): ``defocus_range_A`` > 0 searches each particle's defocus
-    offset within ± that range (``StepResult.defocus_offset_A``); ``fit_beam_tilt`` sums the
+    offset within ± that range (``StepResult.defocus_offset_A``; U and V apart with
+    ``defocus_astigmatism``); ``fit_beam_tilt`` sums the
     phase evidence per optics group (``meta["optics_group"]``, 0-based;
     ``StepResult.phase_sums``).
     """
@@ -78,6 +79,7 @@ class EStepOptions:
     random_class_seed: int | None = None
     alignment_folds: int = 1
     defocus_range_A: float = 0.0
+    defocus_astigmatism: bool = False
     fit_beam_tilt: bool = False
 
 
@@ -107,7 +109,7 @@ class StepResult:
     posterior_sd_deg: np.ndarray | None = None  # (B,)
     capped: np.ndarray | None = None  # (B,) the cap dropped poses the bound kept (any class)
     pruning: np.ndarray | None = None  # (levels, 3) batch sums of SearchResult.pruning
-    defocus_offset_A: np.ndarray | None = None  # (B,) best defocus change (CTF refinement)
+    defocus_offset_A: np.ndarray | None = None  # (B, 2) best U, V change (CTF refinement)
     phase_sums: dict | None = None  # optics group → (D, H) complex phase evidence
 
 
@@ -246,11 +248,11 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
         centred = translate_rfft(x[mine_d], out.origin_px[mine])
         if options.defocus_range_A > 0:
             if out.defocus_offset_A is None:
-                out.defocus_offset_A = np.zeros(out.rotation.shape[0])
+                out.defocus_offset_A = np.zeros((out.rotation.shape[0], 2))
             optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
             out.defocus_offset_A[mine] = refine_defocus(
                 centred, slices, optics, scale[mine], class_weights[k], pixel_size_A, r_max,
-                options.defocus_range_A)
+                options.defocus_range_A, astigmatism=options.defocus_astigmatism)
         if options.fit_beam_tilt:
             out.phase_sums = {} if out.phase_sums is None else out.phase_sums
             prediction = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d] * slices

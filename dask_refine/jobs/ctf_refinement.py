@@ -42,11 +42,11 @@ def filed_beam_tilt(meta: dict) -> np.ndarray:
 
 def refined_columns(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None) -> dict:
     """The CTF and optics columns with a run's refined values: ``defocus_u/v_A`` moved by
-    ``defocus_offset_A`` (N,), ``beam_tilt_mrad`` per particle from the groups' ``(G, 2)``."""
+    ``defocus_offset_A`` (N, 2), ``beam_tilt_mrad`` per particle from the groups' ``(G, 2)``."""
     cols = {k: meta[k] for k in (*CTF_COLUMNS, *ABERRATION_COLUMNS) if k in meta}
     if defocus_offset_A is not None:
-        cols["defocus_u_A"] = meta["defocus_u_A"] + defocus_offset_A
-        cols["defocus_v_A"] = meta["defocus_v_A"] + defocus_offset_A
+        cols["defocus_u_A"] = meta["defocus_u_A"] + defocus_offset_A[:, 0]
+        cols["defocus_v_A"] = meta["defocus_v_A"] + defocus_offset_A[:, 1]
     if beam_tilt_mrad is not None:
         cols["beam_tilt_mrad"] = np.asarray(beam_tilt_mrad)[group_index(meta)]
     return cols
@@ -68,13 +68,13 @@ def refine_from_evidence(meta: dict, defocus_offset_A, beam_tilt_mrad, found_off
                          pixel_size_A: float):
     """The next defocus offsets and beam tilts from one E-step's evidence, with statistics.
 
-    ``found_offset_A`` (N,) or None: each particle's best offset relative to the defocus it was
+    ``found_offset_A`` (N, 2) or None: each particle's best U, V offsets relative to the defocus it was
     searched with; the total stays within ± ``range_A`` of the file's. ``phase_sums``: optics
     group index → ``(D, H)`` sums (None: tilt not refined); each group's tilt moves by the fit
     of its sums over ``|k| < r_max`` (:func:`..core.ctf_refine.fit_beam_tilt`)."""
     stats = {}
     if found_offset_A is not None:
-        base = np.zeros(len(found_offset_A)) if defocus_offset_A is None else defocus_offset_A
+        base = np.zeros_like(found_offset_A) if defocus_offset_A is None else defocus_offset_A
         defocus_offset_A = np.clip(base + found_offset_A, -range_A, range_A)
         stats["mean_defocus_change_A"] = float(np.mean(np.abs(found_offset_A)))
         stats["rms_defocus_offset_A"] = float(np.sqrt(np.mean(defocus_offset_A ** 2)))

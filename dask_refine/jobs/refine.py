@@ -68,7 +68,8 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "first_level_candidates", "local_search",
                "min_global_iterations", "max_far_jump_fraction", "marginalize", "use_ctf", "pad",
                "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
-               "alignment_folds", "per_particle_defocus", "defocus_range_A", "per_group_ctf",
+               "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
+               "defocus_range_A", "per_group_ctf",
                "ctf_refine_from_A")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
@@ -77,7 +78,8 @@ ALIGNMENT_REFERENCES = "alignment_references.npy"
 DEFAULT_ALIGNMENT_FOLDS = 4
 FOLD_SUMS_BUDGET = 2 << 30
 #: What a checkpoint written before a resume key existed ran with.
-LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False, "defocus_range_A": 2000.0,
+LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
+                   "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
@@ -138,7 +140,8 @@ class RefineConfig:
 
     CTF refinement (docs/design.md §3; :mod:`..core.ctf_refine`), once an iteration starts at
     ``ctf_refine_from_A`` or better: ``per_particle_defocus`` refits each particle's defocus
-    (U and V together, within ± ``defocus_range_A`` of the file's) at its best pose, and
+    (U and V together, within ± ``defocus_range_A`` of the file's; then U and V apart with
+    ``per_particle_astigmatism``) at its best pose, and
     ``per_group_ctf`` each optics group's beam tilt, from the phases the particles leave against
     their references; both go into ``particles.star`` / ``particles.cs`` and iterations.csv.
 
@@ -183,6 +186,7 @@ class RefineConfig:
     # CTF refinement inside refinement, from the first iteration that starts at a resolution
     # of ctf_refine_from_A or better (cryoSPARC's default threshold)
     per_particle_defocus: bool = False
+    per_particle_astigmatism: bool = False
     defocus_range_A: float = 2000.0
     per_group_ctf: bool = False
     ctf_refine_from_A: float = 8.0
@@ -239,7 +243,7 @@ class State:
     # (2K·F) references each particle is searched against, index (class · 2 + half) · F + fold:
     # its half's map without its fold (None: the half maps themselves)
     alignment_references: list | None = None
-    # CTF refinement: each particle's defocus offset from its file's (N,), and the beam tilt
+    # CTF refinement: each particle's defocus offset from its file's (N, 2: U, V), the beam tilt
     # (G, 2) mrad of each optics group (in the order of np.unique(optics_group)); None: as filed
     defocus_offset_A: np.ndarray | None = None
     beam_tilt_mrad: np.ndarray | None = None
@@ -437,6 +441,7 @@ def _estep_options(config, state: State) -> EStepOptions:
                         alignment_folds=config.alignment_folds,
                         defocus_range_A=(config.defocus_range_A if config.per_particle_defocus
                                          and refine_ctf else 0.0),
+                        defocus_astigmatism=config.per_particle_astigmatism,
                         fit_beam_tilt=config.per_group_ctf and refine_ctf)
 
 

@@ -322,7 +322,9 @@ def cmd_refine(args) -> int:
         mask_diameter_A=args.mask_diameter_A, max_shift_A=args.max_shift_A,
         local_search=not args.global_only, first_level_candidates=args.first_level_candidates,
         alignment_folds=args.alignment_folds, use_ctf=not args.no_ctf, symmetry=args.symmetry,
-        per_particle_defocus=args.per_particle_defocus, defocus_range_A=args.defocus_range_A,
+        per_particle_defocus=args.per_particle_defocus,
+        per_particle_astigmatism=args.per_particle_astigmatism,
+        defocus_range_A=args.defocus_range_A,
         per_group_ctf=args.per_group_ctf, ctf_refine_from_A=args.ctf_refine_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
@@ -489,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--per-particle-defocus", action="store_true",
                        help="refit each particle's defocus (U and V together) at its refined "
                        "pose against the current reference")
+        g.add_argument("--per-particle-astigmatism", action="store_true",
+                       help="with --per-particle-defocus, then also refit U and V apart "
+                       "(±300 Å about the common offset; the astigmatism angle kept)")
         g.add_argument("--defocus-range-A", type=float, default=d.defocus_range_A, metavar="Å",
                        help="how far a particle's defocus may move from its file's value "
                        "(default: ±%(default)s)")
