@@ -282,3 +282,32 @@ def test_the_e_step_searches_and_scores_with_each_groups_optics(demo_map, tmp_pa
     assert np.median(angular_distance_deg(modelled.rotation, truth)) < 2.0
     assert modelled.noise_sums.sum() < 0.15 * blind.noise_sums.sum()
     assert modelled.noise_sums.sum() < 0.3 * swapped.noise_sums.sum()
+
+
+def test_phase_flipped_particles_and_premultiplied_ones(tilted, tmp_path):
+    """A STAR whose images were phase-flipped (rlnCtfDataArePhaseFlipped 1) reconstructs like
+    the unflipped particles (the model's CTF is |CTF|); CTF-premultiplied images are refused,
+    naming the field."""
+    from dask_refine.core.fourier import centred_irfftn, centred_rfftn
+    from dask_refine.io.mrc import write_stack
+
+    volume, px, store, star, root, _ = tilted
+    optics, particles = starfile.read(star).values()
+    meta = store.optics_metadata()
+    f = centred_rfftn(store.images[:], 2)
+    flipped = centred_irfftn(f * np.sign(particle_ctfs(meta, 64, px)), 2, 64).astype(np.float32)
+    write_stack(tmp_path / "flipped.mrcs", flipped, px)
+    particles["rlnImageName"] = [f"{i + 1:06d}@flipped.mrcs" for i in range(len(particles))]
+    optics["rlnCtfDataArePhaseFlipped"] = 1
+    starfile.write({"optics": optics, "particles": particles}, tmp_path / "flipped.star")
+    imported = import_star(tmp_path / "flipped.star", tmp_path / "flipped.zarr", chunk_size=400)
+    mask = _sphere(volume)
+    plain = _known_pose_map(store, px)
+    assert _cc(_known_pose_map(imported, px), plain, mask) > 0.999
+    imported.write_column("ctf_phase_flipped", np.zeros(len(particles), np.int8))  # ignored
+    assert _cc(_known_pose_map(imported, px), plain, mask) < 0.9
+    optics["rlnCtfDataArePhaseFlipped"] = 0
+    optics["rlnCtfDataAreCtfPremultiplied"] = 1
+    starfile.write({"optics": optics, "particles": particles}, tmp_path / "premultiplied.star")
+    with pytest.raises(InputError, match="rlnCtfDataAreCtfPremultiplied"):
+        import_star(tmp_path / "premultiplied.star", tmp_path / "premultiplied.zarr")

@@ -22,7 +22,8 @@ and RELION's single indices: odd ``i → (n, m)`` = (1, −1), (1, 1), (3, −3)
 
 Per-particle metadata (names of docs/design.md §2): ``odd_zernike (N, C_odd)``,
 ``even_zernike (N, C_even)`` and ``mag_matrix (N, 2, 2)``; each is optional, absent meaning
-no such aberration.
+no such aberration. ``ctf_phase_flipped (N,)`` bool: the images were multiplied by the CTF's
+sign (RELION's ``rlnCtfDataArePhaseFlipped``), so their model's CTF is |CTF|.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .backend import array_module
 from .ctf import electron_wavelength_A
 from .fourier import rfft_frequencies
 
-ABERRATION_PARAMETERS = ("odd_zernike", "even_zernike", "mag_matrix")
+ABERRATION_PARAMETERS = ("odd_zernike", "even_zernike", "mag_matrix", "ctf_phase_flipped")
 
 
 def odd_zernike_nm(index: int) -> tuple[int, int]:
@@ -122,6 +123,9 @@ def model_aberrations(columns: dict) -> dict:
     if mag is not None and np.any(np.asarray(mag, np.float64).reshape(-1, 4)
                                   != [1.0, 0.0, 0.0, 1.0]):
         out["mag_matrix"] = np.asarray(mag, np.float64)
+    flipped = columns.get("ctf_phase_flipped")
+    if flipped is not None and np.any(np.asarray(flipped) != 0):
+        out["ctf_phase_flipped"] = np.asarray(flipped) != 0
     return out
 
 

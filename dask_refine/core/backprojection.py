@@ -81,10 +81,14 @@ class FourierSums:
 def particle_ctfs(meta: dict, box_size: int, pixel_size_A: float, xp=np):
     """CTFs ``(N, D, D//2+1)`` float32 from per-particle metadata columns (names:
     docs/design.md §2), with the even aberrations and magnification when ``meta`` has them
-    (:mod:`.aberrations`)."""
+    (:mod:`.aberrations`), and |CTF| for phase-flipped particles."""
     even = per_particle_zernike(meta, "even_zernike", box_size, pixel_size_A, xp)
-    return ctf_rfft(box_size, pixel_size_A, xp=xp, gamma_offset=0.0 if even is None else even,
-                    mag_matrix=meta.get("mag_matrix"), **{k: meta[k] for k in CTF_PARAMETERS})
+    ctf = ctf_rfft(box_size, pixel_size_A, xp=xp, gamma_offset=0.0 if even is None else even,
+                   mag_matrix=meta.get("mag_matrix"), **{k: meta[k] for k in CTF_PARAMETERS})
+    if "ctf_phase_flipped" in meta:  # images multiplied by sign(CTF): their CTF is |CTF|
+        flipped = xp.asarray(np.asarray(meta["ctf_phase_flipped"], bool).reshape(-1, 1, 1))
+        ctf = xp.where(flipped, xp.abs(ctf), ctf)
+    return ctf
 
 
 def observed_rfft(images, meta: dict, pixel_size_A: float):

@@ -83,6 +83,8 @@ def _band_ctfs(meta, box, pixel_size_A, sel, offsets_u, offsets_v):
         out[b] = ctf_2d(fx[None, :], fy[None, :], mag_matrix=mags[b],
                         gamma_offset=0.0 if even is None else even[b].ravel()[sel][None, :],
                         **params)
+        if "ctf_phase_flipped" in meta and np.asarray(meta["ctf_phase_flipped"])[b]:
+            out[b] = np.abs(out[b])
     return out
 
 

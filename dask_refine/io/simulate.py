@@ -52,7 +52,7 @@ from ..core.fourier import centred_irfftn, rfft_multiplicity, rfft_radius, trans
 from ..core.projection import DEFAULT_PAD, extract_central_slices_rfft, prepare_reference_rfft
 from ..core.rotations import euler_to_matrix, random_rotations
 from .errors import InputError
-from .store import ABERRATION_COLUMNS, CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
+from .store import OPTICS_COLUMNS, CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
 
 #: Noise power spectra :func:`simulate_noise` can make.
 NOISE_COLORS = ("white", "ice")
@@ -281,7 +281,7 @@ def render_particles(reference_rfft, meta: dict, truth: dict, rows, box_size: in
     """Noise-free images ``(n, D, D)`` float32 for particles ``rows`` (a slice or index array;
     see the module's model). ``envelope_bfactor_A2 > 0`` multiplies the signal by
     :func:`envelope_rfft`."""
-    optics = {k: v[rows] for k, v in meta.items() if k in CTF_COLUMNS + ABERRATION_COLUMNS}
+    optics = {k: v[rows] for k, v in meta.items() if k in CTF_COLUMNS + OPTICS_COLUMNS}
     optics.update(model_aberrations(optics))
     rot = magnified_rotations(truth["rotation"][rows], optics)
     slices = extract_central_slices_rfft(reference_rfft, rot, box_size)
@@ -423,7 +423,7 @@ def resimulate_rows(store_path, volume: np.ndarray, rows: slice, seed: int = 0,
         raise InputError(f"{store_path}/{GROUND_TRUTH}/is_junk",
                          "missing, but the simulation made junk; cannot tell junk rows apart")
     sigma = float(provenance["noise_sigma"])
-    meta = store.metadata(list(CTF_COLUMNS + ABERRATION_COLUMNS))
+    meta = store.metadata(list(CTF_COLUMNS + OPTICS_COLUMNS))
     for name in ("defocus_u_A", "defocus_v_A"):  # the true defocus, where the filed one errs
         if store.has_column(name, group=GROUND_TRUTH):
             meta[name] = store.read_column(name, group=GROUND_TRUTH)

@@ -21,7 +21,7 @@ from ..core.rotations import euler_to_matrix, matrix_to_euler
 from .errors import InputError
 from .mrc import write_stack
 from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
-from .store import ABERRATION_COLUMNS, STAR_GROUP, ParticleStore, assign_half_sets
+from .store import OPTICS_COLUMNS, STAR_GROUP, ParticleStore, assign_half_sets
 
 #: ``starfile.write`` format for floats: shortest repr, so that every value read from a STAR file
 #: is written back exactly (``%.6f`` would turn 3.2e-07 into 0.000000).
@@ -86,7 +86,7 @@ def _per_particle(particles, optics, label, default, where, optics_index):
     return np.full(len(particles), float(default))
 
 
-#: RELION's labels of the optics beyond the CTF fit, by store column (:data:`.store.ABERRATION_COLUMNS`).
+#: RELION's labels of the optics beyond the CTF fit, by store column (:data:`.store.OPTICS_COLUMNS`).
 BEAM_TILT_FIELDS = ("rlnBeamTiltX", "rlnBeamTiltY")
 ZERNIKE_FIELDS = {"odd_zernike": "rlnOddZernike", "even_zernike": "rlnEvenZernike"}
 MAG_MATRIX_FIELDS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
@@ -109,9 +109,21 @@ def _zernike_lists(table, label, where) -> list[list[float]]:
 
 
 def _aberrations(particles, optics, where, optics_index) -> dict[str, np.ndarray]:
-    """Beam tilt, Zernike coefficients and magnification per particle (from its own row or its
-    optics group), as the store's :data:`.store.ABERRATION_COLUMNS`; only those present."""
+    """Beam tilt, Zernike coefficients, magnification and phase flipping per particle (from
+    its own row or its optics group), as the store's :data:`.store.OPTICS_COLUMNS`; only those
+    present. CTF-premultiplied images are refused (not a model the engine applies)."""
     out = {}
+    for label in ("rlnCtfDataArePhaseFlipped", "rlnCtfDataAreCtfPremultiplied"):
+        if not any(t is not None and label in t.columns for t in (particles, optics)):
+            continue
+        flag = _per_particle(particles, optics, label, 0.0, where, optics_index) != 0
+        if not flag.any():
+            continue
+        if label == "rlnCtfDataAreCtfPremultiplied":
+            raise InputError(f"{where}: field {label}", "is 1: dask_refine refines images that "
+                             "are not multiplied by their CTF; extract the particles without "
+                             "CTF premultiplication")
+        out["ctf_phase_flipped"] = flag.astype(np.int8)
     if any(label in t.columns for t in (particles, optics) if t is not None
            for label in BEAM_TILT_FIELDS):
         out["beam_tilt_mrad"] = np.stack([
@@ -299,7 +311,7 @@ def _optics_aberrations(store: ParticleStore, members: np.ndarray) -> dict:
     """An optics group's beam tilt, Zernike and magnification fields (its first particle's
     values) for a written optics table; empty when the store has none."""
     first = int(np.flatnonzero(members)[0])
-    extra = store.metadata(ABERRATION_COLUMNS, rows=slice(first, first + 1))
+    extra = store.metadata(OPTICS_COLUMNS, rows=slice(first, first + 1))
     fields = {}
     if "beam_tilt_mrad" in extra:
         fields.update(zip(BEAM_TILT_FIELDS, map(float, extra["beam_tilt_mrad"][0])))
@@ -308,6 +320,8 @@ def _optics_aberrations(store: ParticleStore, members: np.ndarray) -> dict:
             fields[label] = "[" + ",".join(repr(float(v)) for v in extra[column][0]) + "]"
     if "mag_matrix" in extra:
         fields.update(zip(MAG_MATRIX_FIELDS, map(float, extra["mag_matrix"][0].ravel())))
+    if "ctf_phase_flipped" in extra:
+        fields["rlnCtfDataArePhaseFlipped"] = int(extra["ctf_phase_flipped"][0])
     return fields
 
 

@@ -62,14 +62,17 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "class_id": ("int32", ()),
     "beam_tilt_mrad": ("float64", (2,)),
     "mag_matrix": ("float64", (2, 2)),
+    "ctf_phase_flipped": ("int8", ()),
 }
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
 REQUIRED_COLUMNS = CTF_COLUMNS + ("half_set",)
 #: Optional optics beyond the CTF fit (RELION's optics group fields, per particle as imported):
 #: beam tilt (τx, τy) in mrad, odd and even Zernike coefficients ``(N, C)`` in RELION's order,
-#: the 2×2 magnification matrix. See :mod:`dask_refine.core.aberrations`.
-ABERRATION_COLUMNS = ("beam_tilt_mrad", "odd_zernike", "even_zernike", "mag_matrix")
+#: the 2×2 magnification matrix (see :mod:`dask_refine.core.aberrations`), and whether the
+#: images were phase-flipped (RELION's ``rlnCtfDataArePhaseFlipped``: the model's CTF is |CTF|).
+OPTICS_COLUMNS = ("beam_tilt_mrad", "odd_zernike", "even_zernike", "mag_matrix",
+                  "ctf_phase_flipped")
 GROUND_TRUTH = "ground_truth"
 POSE_COLUMNS = ("rotation", "shift_A", "scale", "class_id")  # what a job refines and exports
 STAR_GROUP = "star"
@@ -311,7 +314,7 @@ class ParticleStore:
         tilt folded in as RELION does, ``even_zernike``, ``mag_matrix``; each only when the
         store has it and it is not the identity) for the particles ``rows``."""
         meta = self.metadata(CTF_COLUMNS, rows)
-        meta.update(model_aberrations({**meta, **self.metadata(ABERRATION_COLUMNS, rows)}))
+        meta.update(model_aberrations({**meta, **self.metadata(OPTICS_COLUMNS, rows)}))
         return meta
 
     def poses(self, overrides: dict | None = None) -> dict[str, np.ndarray]:

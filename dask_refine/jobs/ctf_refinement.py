@@ -12,13 +12,13 @@ import numpy as np
 
 from ..core.aberrations import model_aberrations
 from ..core.ctf_refine import fit_beam_tilt
-from ..io.store import ABERRATION_COLUMNS, CTF_COLUMNS, ParticleStore
+from ..io.store import OPTICS_COLUMNS, CTF_COLUMNS, ParticleStore
 
 
 def load_optics(store: ParticleStore) -> dict[str, np.ndarray]:
     """Every particle's CTF columns, optics group and the optics columns the store has, as
     filed (beam tilt not yet folded into the odd coefficients)."""
-    return store.metadata([*CTF_COLUMNS, "optics_group", *ABERRATION_COLUMNS])
+    return store.metadata([*CTF_COLUMNS, "optics_group", *OPTICS_COLUMNS])
 
 
 def group_index(meta: dict) -> np.ndarray:
@@ -43,7 +43,7 @@ def filed_beam_tilt(meta: dict) -> np.ndarray:
 def refined_columns(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None) -> dict:
     """The CTF and optics columns with a run's refined values: ``defocus_u/v_A`` moved by
     ``defocus_offset_A`` (N, 2), ``beam_tilt_mrad`` per particle from the groups' ``(G, 2)``."""
-    cols = {k: meta[k] for k in (*CTF_COLUMNS, *ABERRATION_COLUMNS) if k in meta}
+    cols = {k: meta[k] for k in (*CTF_COLUMNS, *OPTICS_COLUMNS) if k in meta}
     if defocus_offset_A is not None:
         cols["defocus_u_A"] = meta["defocus_u_A"] + defocus_offset_A[:, 0]
         cols["defocus_v_A"] = meta["defocus_v_A"] + defocus_offset_A[:, 1]
