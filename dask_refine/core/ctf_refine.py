@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aberrations import aberration_frequencies, per_particle_zernike
+from .aberrations import (aberration_frequencies, even_zernike_nm, per_particle_zernike,
+                          zernike_cartesian)
 from .backend import array_module, to_numpy
-from .backprojection import CTF_PARAMETERS
+from .backprojection import CTF_PARAMETERS, particle_ctfs
 from .ctf import ctf_2d, electron_wavelength_A
 from .fourier import rfft_multiplicity, rfft_radius
 
@@ -144,19 +145,41 @@ def phase_sums(x_centred, predictions, noise_weight):
     return to_numpy(z).astype(np.complex128)
 
 
+def significant(error_drop: float, n_parameters: int, sigmas: float = 4.0) -> bool:
+    """Whether fitting ``n_parameters`` lowered the error (−2 log-likelihood) by more than
+    noise alone would: under the noise model a fit to nothing lowers it by χ²(k), mean k and
+    standard deviation √(2k); accept beyond ``sigmas`` of those above the mean."""
+    k = float(n_parameters)
+    return error_drop > k + sigmas * np.sqrt(2.0 * k)
+
+
+def _odd_basis(box_size, pixel_size_A, cs_mm, voltage_kV, mag_matrix, sel, trefoil):
+    """Columns of the odd phase per unit parameter at the band pixels ``sel``: the tilt's
+    (per mrad) and, with ``trefoil``, RELION's odd coefficients 2 and 5 (Z_3^{−3}, Z_3^{3})."""
+    a = tilt_basis(box_size, pixel_size_A, cs_mm, voltage_kV, mag_matrix).reshape(2, -1)[:, sel]
+    if not trefoil:
+        return a
+    kx, ky = aberration_frequencies(box_size, pixel_size_A, mag_matrix)
+    kx, ky = kx.ravel()[sel], ky.ravel()[sel]
+    return np.vstack([a, zernike_cartesian(3, -3, kx, ky), zernike_cartesian(3, 3, kx, ky)])
+
+
 def fit_beam_tilt(z, box_size: int, pixel_size_A: float, cs_mm: float, voltage_kV: float,
                   r_max: float, mag_matrix=None, max_tilt_mrad: float = 10.0,
-                  iterations: int = 10) -> np.ndarray:
+                  iterations: int = 30, trefoil: bool = False) -> np.ndarray:
     """The beam-tilt update ``(δτx, δτy)`` in mrad that explains the phases of ``z``
     (:func:`phase_sums`) over ``0 < |k| < r_max``: the maximum of
     ``Re Σ_k conj(z_k) e^{iα_k·δτ}`` (the likelihood's dependence on the tilt when the images'
     noise is Gaussian and their predictions fixed), first on a 0.25 mrad grid over
-    ``±max_tilt_mrad`` (phases may wrap; noisy sums have local maxima), then by Newton steps."""
+    ``±max_tilt_mrad`` (phases may wrap; noisy sums have local maxima), then by Newton steps
+    (each at most 0.5 rad at the band's edge, halved until the score rises). With ``trefoil`` the Newton steps also fit RELION's odd coefficients 2 and 5 (Z_3^{∓3},
+    rad/Å⁻³), returned after the tilt: ``(δτx, δτy, δc2, δc5)``, the trefoil zero unless it
+    lowers the error significantly (:func:`significant`)."""
     sel = band_rfft_mask(box_size, r_max)
-    a = tilt_basis(box_size, pixel_size_A, cs_mm, voltage_kV, mag_matrix).reshape(2, -1)[:, sel]
+    a = _odd_basis(box_size, pixel_size_A, cs_mm, voltage_kV, mag_matrix, sel, trefoil)
     zs = np.asarray(z).ravel()[sel]
     if not np.any(zs != 0):
-        return np.zeros(2)
+        return np.zeros(a.shape[0])
     grid = np.arange(-max_tilt_mrad, max_tilt_mrad + 1e-9, 0.25)
     best, tau = -np.inf, np.zeros(2)
     for tx in grid:  # one row of the grid at a time: (G, M) phases
@@ -165,18 +188,130 @@ def fit_beam_tilt(z, box_size: int, pixel_size_A: float, cs_mm: float, voltage_k
         i = int(np.argmax(score))
         if score[i] > best:
             best, tau = score[i], np.array([tx, grid[i]])
+    # Newton steps in a basis scaled to unit size on the band (the Zernike terms are tiny in
+    # 1/Å units), on Σ w cos(α·p − φ)
+    norm = np.abs(a).max(axis=1)
+    b = a / norm[:, None]
+    p = np.zeros(a.shape[0])
+    p[:2] = tau * norm[:2]
     w, phi = np.abs(zs), np.angle(zs)
-    for _ in range(iterations):  # maximise Σ w cos(α·τ − φ)
-        resid = a.T @ tau - phi
-        grad = -(a * (w * np.sin(resid))).sum(axis=1)
-        hess = -(a * (w * np.cos(resid))) @ a.T
+
+    def score(q):
+        return float(np.sum(w * np.cos(b.T @ q - phi)))
+
+    for _ in range(iterations):
+        resid = b.T @ p - phi
+        grad = -(b * (w * np.sin(resid))).sum(axis=1)
+        hess = -(b * (w * np.cos(resid))) @ b.T
         try:
             step = np.linalg.solve(hess, -grad)
         except np.linalg.LinAlgError:
             break
-        if np.abs(step).max() > 0.5:  # stay at the grid's maximum
+        if grad @ step <= 0:  # not an ascent direction (the Hessian is not negative here)
+            step = 0.1 * grad / max(1e-300, np.abs(grad).max())
+        step = np.clip(step, -0.5, 0.5)
+        here = score(p)
+        while score(p + step) < here and np.abs(step).max() > 1e-12:  # backtrack
+            step = 0.5 * step
+        p = p + step
+        if np.abs(step).max() < 1e-9:
             break
-        tau = tau + step
-        if np.abs(step).max() < 1e-6:
+    if trefoil:  # keep the trefoil only where the data ask for it (see significant())
+        without = p.copy()
+        without[2:] = 0.0
+        if not significant(2.0 * (score(p) - score(without)), 2):
+            p = without
+    return p / norm
+
+
+def even_sums(x_centred, slices, meta: dict, scale, noise_weight, pixel_size_A: float) -> dict:
+    """Per-pixel sums ``(D, H)`` over particles for the even-aberration fit (host float64).
+
+    With ``c = −E sin γ`` (the CTF) and ``q = −E cos γ`` (its quadrature), a γ offset δ makes
+    the prediction ``s P (c cos δ + q sin δ)``, so each pixel's error is a function of δ
+    through ``a = Σ w s c Re(P̄X)``, ``b = Σ w s q Re(P̄X)`` and ``cc, cq, qq = Σ w s² |P|²
+    (c², cq, q²)``. Phase-flipped particles are left out (their model is |CTF|)."""
+    xp = array_module(x_centred)
+    n, box = x_centred.shape[0], x_centred.shape[-2]
+    keep = (np.ones(n, bool) if "ctf_phase_flipped" not in meta
+            else ~np.asarray(meta["ctf_phase_flipped"], bool))
+    rows = np.flatnonzero(keep)
+    sub = {k: np.asarray(v)[rows] for k, v in meta.items()}
+    c = particle_ctfs(sub, box, pixel_size_A, xp).astype(xp.float64)
+    even = np.zeros((rows.size, 1)) if "even_zernike" not in sub else np.asarray(
+        sub["even_zernike"], np.float64).reshape(rows.size, -1).copy()
+    even[:, 0] += np.pi / 2  # the piston term: γ + π/2
+    q = particle_ctfs({**sub, "even_zernike": even}, box, pixel_size_A, xp).astype(xp.float64)
+    rows_d = xp.asarray(rows)
+    s = xp.asarray(np.asarray(scale, np.float64)[rows]).reshape(-1, 1, 1)
+    p, x = slices[rows_d], x_centred[rows_d]
+    w = xp.asarray(noise_weight)
+    cross = s * xp.real(xp.conj(p) * x)
+    power = s * s * xp.abs(p) ** 2
+    return {"a": to_numpy((cross * c).sum(axis=0) * w), "b": to_numpy((cross * q).sum(axis=0) * w),
+            "cc": to_numpy((power * c * c).sum(axis=0) * w),
+            "cq": to_numpy((power * c * q).sum(axis=0) * w),
+            "qq": to_numpy((power * q * q).sum(axis=0) * w)}
+
+
+#: The even terms a group's fit may change, as RELION even coefficients (index → weight): the
+#: fourth-order monomials ρ⁴ (C_s), ρ⁴ cos 2φ, ρ⁴ sin 2φ (secondary astigmatism), ρ⁴ cos 4φ,
+#: ρ⁴ sin 4φ (tetrafoil). In RELION's unnormalised Zernike basis (ρ in 1/Å, so ρ ≪ 1)
+#: Z_4^0 = 6ρ⁴ − 6ρ² + 1 is mostly defocus and piston, which each particle's own defocus
+#: already carries; the monomials are what is left: ρ⁴ = Z_4^0/6 + Z_2^0/2 + Z_0^0/3,
+#: ρ⁴ cos 2φ = Z_4^2/4 + 3 Z_2^2/4, ρ⁴ sin 2φ = Z_4^{−2}/4 + 3 Z_2^{−2}/4, ρ⁴ cos 4φ = Z_4^4,
+#: ρ⁴ sin 4φ = Z_4^{−4}.
+EVEN_MONOMIALS = ({6: 1 / 6, 2: 1 / 2, 0: 1 / 3}, {7: 1 / 4, 3: 3 / 4}, {5: 1 / 4, 1: 3 / 4},
+                  {8: 1.0}, {4: 1.0})
+
+
+def fit_even_aberrations(sums: dict, box_size: int, pixel_size_A: float, r_max: float,
+                         mag_matrix=None, iterations: int = 20) -> np.ndarray:
+    """RELION's 9 even Zernike coefficients (n ≤ 4) of the γ offset
+    δ(k) = Σ_j p_j μ_j(Mk) over the fourth-order monomials μ of :data:`EVEN_MONOMIALS` that
+    minimises the error of :func:`even_sums` over ``0 < |k| < r_max`` (Newton steps from δ = 0,
+    in a basis scaled to unit size on the band; each step at most 0.5 rad at the edge); zero
+    unless the fit lowers the error significantly (:func:`significant`)."""
+    sel = band_rfft_mask(box_size, r_max)
+    m = np.broadcast_to(rfft_multiplicity(box_size, 2), (box_size, box_size // 2 + 1)).ravel()[sel]
+    a, b, cc, cq, qq = (np.asarray(sums[k]).ravel()[sel] * m for k in ("a", "b", "cc", "cq", "qq"))
+    kx, ky = aberration_frequencies(box_size, pixel_size_A, mag_matrix)
+    kx, ky = kx.ravel()[sel], ky.ravel()[sel]
+    rho4, phi = (kx * kx + ky * ky) ** 2, np.arctan2(ky, kx)
+    basis = np.stack([rho4, rho4 * np.cos(2 * phi), rho4 * np.sin(2 * phi),
+                      rho4 * np.cos(4 * phi), rho4 * np.sin(4 * phi)])
+    norm = np.abs(basis).max(axis=1)
+    basis = basis / norm[:, None]
+
+    def error(q):
+        d = q @ basis
+        c1, s1 = np.cos(d), np.sin(d)
+        return float(np.sum(-2 * (a * c1 + b * s1) + cc * c1 * c1 + 2 * cq * c1 * s1
+                            + qq * s1 * s1))
+
+    p = np.zeros(basis.shape[0])
+    for _ in range(iterations):
+        d = p @ basis
+        s1, c1, s2, c2 = np.sin(d), np.cos(d), np.sin(2 * d), np.cos(2 * d)
+        g = 2 * a * s1 - 2 * b * c1 + (qq - cc) * s2 + 2 * cq * c2  # dF/dδ per pixel
+        h = 2 * a * c1 + 2 * b * s1 + 2 * (qq - cc) * c2 - 4 * cq * s2  # d²F/dδ²
+        grad = basis @ g
+        hess = (basis * np.maximum(h, 0.0)) @ basis.T
+        try:
+            step = -np.linalg.solve(hess + 1e-9 * np.trace(hess) / p.size * np.eye(p.size), grad)
+        except np.linalg.LinAlgError:
             break
-    return tau
+        step = np.clip(step, -0.5, 0.5)
+        here = error(p)
+        while error(p + step) > here and np.abs(step).max() > 1e-12:  # backtrack
+            step = 0.5 * step
+        p = p + step
+        if np.abs(step).max() < 1e-9:
+            break
+    if not significant(error(np.zeros_like(p)) - error(p), p.size):
+        return np.zeros(9)
+    coefficients = np.zeros(9)
+    for value, terms in zip(p / norm, EVEN_MONOMIALS):
+        for index, weight in terms.items():
+            coefficients[index] += value * weight
+    return coefficients

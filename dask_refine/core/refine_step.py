@@ -25,7 +25,7 @@ import numpy as np
 from .aberrations import magnified_rotations
 from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
 from .backprojection import FourierSums, observed_rfft, optics_meta, particle_ctfs
-from .ctf_refine import phase_sums, refine_defocus
+from .ctf_refine import even_sums, phase_sums, refine_defocus
 from .fourier import translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
 from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound, pose_errors
@@ -64,8 +64,8 @@ class EStepOptions:
     best class (:mod:`.ctf_refine`): ``defocus_range_A`` > 0 searches each particle's defocus
     offset within ± that range (``StepResult.defocus_offset_A``; U and V apart with
     ``defocus_astigmatism``); ``fit_beam_tilt`` sums the
-    phase evidence per optics group (``meta["optics_group"]``, 0-based;
-    ``StepResult.phase_sums``).
+    phase evidence (odd aberrations) and the γ evidence (even ones) per optics group
+    (``meta["optics_group"]``, 0-based; ``StepResult.phase_sums``, ``StepResult.even_sums``).
     """
 
     n_classes: int = 1
@@ -111,6 +111,7 @@ class StepResult:
     pruning: np.ndarray | None = None  # (levels, 3) batch sums of SearchResult.pruning
     defocus_offset_A: np.ndarray | None = None  # (B, 2) best U, V change (CTF refinement)
     phase_sums: dict | None = None  # optics group → (D, H) complex phase evidence
+    even_sums: dict | None = None  # optics group → {a, b, cc, cq, qq} (D, H) even evidence
 
 
 def class_posteriors(errors) -> np.ndarray:
@@ -256,11 +257,19 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
         if options.fit_beam_tilt:
             out.phase_sums = {} if out.phase_sums is None else out.phase_sums
             prediction = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d] * slices
+            out.even_sums = {} if out.even_sums is None else out.even_sums
             group = np.asarray(meta["optics_group"])[mine]
+            optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
             for g in np.unique(group):
-                at = xp.asarray(np.flatnonzero(group == g))
+                at_host = np.flatnonzero(group == g)
+                at = xp.asarray(at_host)
                 z = phase_sums(centred[at], prediction[at], class_weights[k])
                 out.phase_sums[int(g)] = out.phase_sums.get(int(g), 0) + z
+                even = even_sums(centred[at], slices[at], {c: v[at_host] for c, v in optics.items()},
+                                 scale[mine][at_host], class_weights[k], pixel_size_A)
+                old = out.even_sums.get(int(g))
+                out.even_sums[int(g)] = even if old is None else {
+                    name: old[name] + even[name] for name in even}
 
 
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,

@@ -397,13 +397,23 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
     else:  # the imported table: its row i is the store's optics group i + 1
         group_of_row = np.arange(1, len(optics) + 1)
         columns["rlnOpticsGroup"] = optics["rlnOpticsGroup"].to_numpy()[optics_group - 1]
-    if "beam_tilt_mrad" in poses:  # a refinement's beam tilt, per optics group (table row)
-        tilt = np.asarray(poses["beam_tilt_mrad"], np.float64)
-        for row, group in enumerate(group_of_row):
-            members = np.flatnonzero(optics_group == group)
-            if members.size:
-                optics.loc[row, "rlnBeamTiltX"] = tilt[members[0], 0]
-                optics.loc[row, "rlnBeamTiltY"] = tilt[members[0], 1]
+    # a refinement's beam tilt and Zernike coefficients, per optics group (table row)
+    refined = {name: np.asarray(poses[name], np.float64) for name in
+               ("beam_tilt_mrad", *ZERNIKE_FIELDS) if name in poses}
+    for row, group in enumerate(group_of_row):
+        members = np.flatnonzero(optics_group == group)
+        if not members.size:
+            continue
+        first = members[0]
+        if "beam_tilt_mrad" in refined:
+            for axis, label in enumerate(BEAM_TILT_FIELDS):
+                optics.loc[row, label] = refined["beam_tilt_mrad"][first, axis]
+        for name, label in ZERNIKE_FIELDS.items():
+            if name in refined:
+                if label not in optics.columns:
+                    optics[label] = "[]"
+                optics.loc[row, label] = ("[" + ",".join(repr(float(v))
+                                                         for v in refined[name][first]) + "]")
     particles = pd.DataFrame(columns)
     star_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")

@@ -69,7 +69,7 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "min_global_iterations", "max_far_jump_fraction", "marginalize", "use_ctf", "pad",
                "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
                "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
-               "defocus_range_A", "per_group_ctf",
+               "defocus_range_A", "per_group_ctf", "higher_order_aberrations_from_A",
                "ctf_refine_from_A")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
@@ -80,7 +80,8 @@ FOLD_SUMS_BUDGET = 2 << 30
 #: What a checkpoint written before a resume key existed ran with.
 LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
-                   "per_group_ctf": False, "ctf_refine_from_A": 8.0}
+                   "per_group_ctf": False, "ctf_refine_from_A": 8.0,
+                   "higher_order_aberrations_from_A": 4.0}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -143,7 +144,8 @@ class RefineConfig:
     (U and V together, within ± ``defocus_range_A`` of the file's; then U and V apart with
     ``per_particle_astigmatism``) at its best pose, and
     ``per_group_ctf`` each optics group's beam tilt, from the phases the particles leave against
-    their references; both go into ``particles.star`` / ``particles.cs`` and iterations.csv.
+    their references, and once the alignment band reaches ``higher_order_aberrations_from_A``
+    its trefoil and fourth-order even aberrations (C_s, tetrafoil) where they are significant; both go into ``particles.star`` / ``particles.cs`` and iterations.csv.
 
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
@@ -190,6 +192,9 @@ class RefineConfig:
     defocus_range_A: float = 2000.0
     per_group_ctf: bool = False
     ctf_refine_from_A: float = 8.0
+    # per_group_ctf fits trefoil and the fourth-order even terms (C_s, tetrafoil) only once
+    # the alignment band reaches this resolution: coarser bands cannot tell them apart
+    higher_order_aberrations_from_A: float = 4.0
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
     pad: int = DEFAULT_PAD
@@ -247,6 +252,9 @@ class State:
     # (G, 2) mrad of each optics group (in the order of np.unique(optics_group)); None: as filed
     defocus_offset_A: np.ndarray | None = None
     beam_tilt_mrad: np.ndarray | None = None
+    # (G, 2) added to the groups' odd coefficients 2 and 5, (G, 9) to their even ones
+    trefoil: np.ndarray | None = None
+    even_zernike: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:
@@ -487,8 +495,9 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
         np.save(folder / ALIGNMENT_REFERENCES, np.stack(state.alignment_references))
     if state.defocus_offset_A is not None:
         classes["defocus_offset_A"] = state.defocus_offset_A
-    if state.beam_tilt_mrad is not None:
-        classes["beam_tilt_mrad"] = state.beam_tilt_mrad
+    for name in ("beam_tilt_mrad", "trefoil", "even_zernike"):
+        if getattr(state, name) is not None:
+            classes[name] = getattr(state, name)
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
              scale=state.scale,  # σ² per shell; (K, shells) with several classes
              sigma2=state.sigma2[0] if state.n_classes == 1 else state.sigma2,
@@ -524,7 +533,8 @@ def _load_state(out_dir, iteration: int) -> State:
                  alignment_references=aligned,
                  defocus_offset_A=(arrays["defocus_offset_A"] if "defocus_offset_A" in arrays
                                    else None),
-                 beam_tilt_mrad=arrays["beam_tilt_mrad"] if "beam_tilt_mrad" in arrays else None,
+                 **{name: arrays[name] if name in arrays else None
+                    for name in ("beam_tilt_mrad", "trefoil", "even_zernike")},
                  **{k: js[k] for k in ("local", "level", "pose_change_deg",
                                        "pose_change_sampling_deg", "best_pose_change_deg",
                                        "angular_accuracy_deg")})
@@ -550,8 +560,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     # released, and the scheduler can lose it ("lost dependencies").
     if client is not None:
         settings = client.scatter(settings, broadcast=True, hash=False)
-    step_meta = (image_model(meta, state.defocus_offset_A, state.beam_tilt_mrad)
-                 if config.use_ctf else {})
+    step_meta = (image_model(meta, state.defocus_offset_A, state.beam_tilt_mrad, state.trefoil,
+                             state.even_zernike) if config.use_ctf else {})
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
     if params.local:
@@ -589,15 +599,19 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     noise_sums = sum(step.noise_sums for _, step in results)
     pruning = sum(step.pruning for _, step in results)  # (levels, 3)
     noise_counts = sum(step.noise_counts for _, step in results)
-    phase = None
+    phase = even = None
     if options.fit_beam_tilt:
-        phase = {}
+        phase, even = {}, {}
         for _, step in results:
             for g, z in (step.phase_sums or {}).items():
                 phase[g] = phase.get(g, 0) + z
-    defocus_offset, beam_tilt, ctf_stats = refine_from_evidence(
-        meta, state.defocus_offset_A, state.beam_tilt_mrad, per_particle.get("defocus_offset_A"),
-        phase, config.defocus_range_A, params.r_align, box, px)
+            for g, sums_g in (step.even_sums or {}).items():
+                even[g] = sums_g if g not in even else {k: even[g][k] + v
+                                                       for k, v in sums_g.items()}
+    defocus_offset, beam_tilt, trefoil, even_zernike, ctf_stats = refine_from_evidence(
+        meta, state, per_particle.get("defocus_offset_A"), phase, even, config.defocus_range_A,
+        params.r_align, box, px,
+        higher_order=box * px / params.r_align <= config.higher_order_aberrations_from_A)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
     fold_sums = sums
@@ -673,7 +687,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                 best_pose_change_deg=min(changed, state.best_pose_change_deg),
                 angular_accuracy_deg=accuracy, far_jump_fraction=far,
                 class_fraction=fraction, alignment_references=alignment if folds > 1 else None,
-                defocus_offset_A=defocus_offset, beam_tilt_mrad=beam_tilt)
+                defocus_offset_A=defocus_offset, beam_tilt_mrad=beam_tilt, trefoil=trefoil,
+                even_zernike=even_zernike)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "local_level": params.local_level if params.local else None,
              "median_pose_change_deg": changed, "far_jump_fraction": far,
@@ -881,9 +896,9 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})
     if state.defocus_offset_A is not None or state.beam_tilt_mrad is not None:
         refined = refined_columns(load_optics(store), state.defocus_offset_A,
-                                  state.beam_tilt_mrad)
-        poses.update({k: refined[k] for k in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad")
-                      if k in refined})
+                                  state.beam_tilt_mrad, state.trefoil, state.even_zernike)
+        poses.update({k: refined[k] for k in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad",
+                                              "odd_zernike", "even_zernike") if k in refined})
     if state.class_id is not None:
         poses["class_id"] = state.class_id
     star = export_star(store, out / "particles.star", poses=poses)

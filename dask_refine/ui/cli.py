@@ -326,6 +326,7 @@ def cmd_refine(args) -> int:
         per_particle_astigmatism=args.per_particle_astigmatism,
         defocus_range_A=args.defocus_range_A,
         per_group_ctf=args.per_group_ctf, ctf_refine_from_A=args.ctf_refine_from_A,
+        higher_order_aberrations_from_A=args.higher_order_aberrations_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
@@ -500,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--per-group-ctf", action="store_true",
                        help="refit each optics group's beam tilt from the phases its particles "
                        "leave against the reference (RELION's CtfRefine --fit_beamtilt)")
+        g.add_argument("--higher-order-aberrations-from-A", type=float,
+                       default=d.higher_order_aberrations_from_A, metavar="Å",
+                       help="with --per-group-ctf, also fit trefoil, C_s and tetrafoil once the "
+                       "alignment band reaches this resolution, where significant "
+                       "(default: %(default)s Å)")
         g.add_argument("--ctf-refine-from-A", type=float, default=d.ctf_refine_from_A,
                        metavar="Å", help="start CTF refinement once the resolution reaches "
                        "this (default: %(default)s Å)")
