@@ -131,10 +131,11 @@ def _cc(a, b, mask):
 @pytest.fixture(scope="module")
 def tilted(tmp_path_factory, demo_map):
     """Noise-free particles with a beam tilt of (3, −2) mrad (the issue's case, on the demo
-    map): the store, the STAR a RELION user would have, and the known-pose maps."""
+    map): the store, the STAR a RELION user would have, and the known-pose map of the same
+    particles imaged without the tilt."""
     volume, px = demo_map
     root = tmp_path_factory.mktemp("tilt")
-    config = SimulationConfig(n_particles=800, snr=np.inf, chunk_size=400, seed=3,
+    config = SimulationConfig(n_particles=400, snr=np.inf, chunk_size=400, seed=3,
                               beam_tilt_mrad=(3.0, -2.0), cs_mm=2.7)
     store = simulate_store(volume, px, root / "p.zarr", config, write_poses=True)
     star = export_star(store, root / "p.star")
@@ -199,11 +200,11 @@ def test_zernike_and_magnification_fields_are_imported(tilted, tmp_path):
 def test_magnified_particles_reconstruct_with_their_matrix(demo_map, tmp_path):
     volume, px = demo_map
     store = simulate_store(volume, px, tmp_path / "m.zarr",
-                           SimulationConfig(n_particles=600, snr=np.inf, chunk_size=300, seed=5,
+                           SimulationConfig(n_particles=300, snr=np.inf, chunk_size=300, seed=5,
                                             mag_matrix=(1.03, 0.01, 0.01, 0.98)),
                            write_poses=True)
     plain = simulate_store(volume, px, tmp_path / "plain.zarr",
-                           SimulationConfig(n_particles=600, snr=np.inf, chunk_size=300, seed=5),
+                           SimulationConfig(n_particles=300, snr=np.inf, chunk_size=300, seed=5),
                            write_poses=True)
     mask = _sphere(volume)
     applied = _known_pose_map(store, px)
@@ -311,3 +312,36 @@ def test_phase_flipped_particles_and_premultiplied_ones(tilted, tmp_path):
     starfile.write({"optics": optics, "particles": particles}, tmp_path / "premultiplied.star")
     with pytest.raises(InputError, match="rlnCtfDataAreCtfPremultiplied"):
         import_star(tmp_path / "premultiplied.star", tmp_path / "premultiplied.zarr")
+
+
+def test_every_optics_field_survives_star_cs_star(tilted, tmp_path):
+    """A STAR with beam tilt, Zernike terms, magnification and phase flipping → store → .cs →
+    store → STAR: every optics value comes back (cryoSPARC's ctf/tilt_A for the tilt, RELION's
+    names under rln/ for the others)."""
+    from dask_refine.io.cryosparc import export_cs, import_cs
+
+    star = tilted[3]
+    optics, particles = starfile.read(star).values()
+    optics["rlnOddZernike"] = "[0.01,0.02,0.5,0.0,0.0,0.03]"
+    optics["rlnEvenZernike"] = "[0.0,0.1,0.0,0.2,0.0,0.0,0.0,0.0,7.0]"
+    for label, value in zip(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"),
+                            (1.01, 0.002, 0.002, 0.99)):
+        optics[label] = value
+    optics["rlnCtfDataArePhaseFlipped"] = 1
+    starfile.write({"optics": optics, "particles": particles}, star.parent / "all.star")
+    first = import_star(star.parent / "all.star", tmp_path / "a.zarr", chunk_size=400)
+    cs = export_cs(first, star.parent / "all.cs")
+    second = import_cs(cs, tmp_path / "b.zarr")
+    for name in ("beam_tilt_mrad", "odd_zernike", "even_zernike", "mag_matrix",
+                 "ctf_phase_flipped"):
+        np.testing.assert_allclose(second.read_column(name), first.read_column(name),
+                                   rtol=1e-6, err_msg=name)
+    optics2, _ = starfile.read(export_star(second, tmp_path / "back.star")).values()
+    for label in ("rlnBeamTiltX", "rlnBeamTiltY", "rlnMagMat00", "rlnMagMat01",
+                  "rlnCtfDataArePhaseFlipped"):
+        np.testing.assert_allclose(float(optics2[label][0]), float(optics[label][0]),
+                                   rtol=1e-6, err_msg=label)
+    for label in ("rlnOddZernike", "rlnEvenZernike"):
+        np.testing.assert_allclose(
+            [float(v) for v in optics2[label][0].strip("[]").split(",")],
+            [float(v) for v in optics[label][0].strip("[]").split(",")], err_msg=label)

@@ -20,6 +20,10 @@ checked in tests/test_cryosparc.py):
   ``ctf/amp_contrast``, ``ctf/bfactor`` as RELION; ``ctf/exp_group_id`` is the optics group.
 * ``alignments3D/split`` is the half set (0/1), ``alignments3D/alpha`` the per-particle scale,
   ``alignments3D/class`` the 0-based class.
+* ``ctf/tilt_A`` is the beam tilt as C_s · sin τ in Å (pyem's ``csparc2star``). RELION's optics
+  that cryoSPARC has no documented field for travel under RELION's names in :data:`RLN_FIELDS`
+  (``rln/odd_zernike``, ``rln/even_zernike``, ``rln/mag_matrix``, ``rln/ctf_phase_flipped``),
+  so that STAR → .cs → STAR loses none of them.
 
 Images are copied verbatim (``blob/sign`` is kept but not applied, as pyem and cryoDRGN do).
 Every field of the input is kept raw in the store's ``cs/`` group (``cs/blob/path`` … numbers as
@@ -68,6 +72,9 @@ CTF_FIELDS = {
     "cs_mm": ("ctf/cs_mm", None),
     "amplitude_contrast": ("ctf/amp_contrast", None),
 }
+#: RELION optics with no cryoSPARC field: store column → .cs field (written only when present).
+RLN_FIELDS = {"odd_zernike": "rln/odd_zernike", "even_zernike": "rln/even_zernike",
+              "mag_matrix": "rln/mag_matrix", "ctf_phase_flipped": "rln/ctf_phase_flipped"}
 #: cryoSPARC's higher-order optics, refused when not zero (never silently dropped).
 UNAPPLIED_CS_OPTICS = {"ctf/shift_A": (2,), "ctf/trefoil_A": (2,), "ctf/tetra_A": (4,),
                        "ctf/anisomag": (4,)}
@@ -268,6 +275,10 @@ def _columns(table: np.ndarray, where: str, pixel_size_A: float) -> dict[str, np
                              "apply it yet (cryoSPARC's convention for it is not published); "
                              "refine without it, or convert the file to a RELION STAR with "
                              "CtfRefine's Zernike coefficients")
+    for column, field in RLN_FIELDS.items():  # RELION's optics, as our export writes them
+        if field in table.dtype.names:
+            shape = table.dtype.fields[field][0].shape
+            meta[column] = _finite(table, field, where, shape, "numbers")
     groups = _integers(table, "ctf/exp_group_id", where, high=2**32 - 1)
     meta["optics_group"] = (np.ones(n, np.int32) if groups is None else
                             (np.unique(groups, return_inverse=True)[1] + 1).astype(np.int32))
@@ -519,6 +530,11 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
                                      else store.read_column("beam_tilt_mrad"))
         emit("ctf/tilt_A", current["cs_mm"][:, None] * 1e7
              * np.sin(1e-3 * current["beam_tilt_mrad"]), np.float32, unchanged("beam_tilt_mrad"))
+    for column, field in RLN_FIELDS.items():  # refined (poses) or filed
+        if column in poses or store.has_column(column):
+            current[column] = poses[column] if column in poses else store.read_column(column)
+            emit(field, current[column], np.int8 if column == "ctf_phase_flipped"
+                 else np.float64, unchanged(column))
 
     if "rotation" in poses or "alignments3D/split" in raw_names:
         emit("alignments3D/split", current["half_set"], np.uint32, unchanged("half_set"))
