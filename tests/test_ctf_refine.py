@@ -3,11 +3,15 @@ minimises is the search's, and it gives back a defocus error and a beam tilt put
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from dask_refine.core.backprojection import observed_rfft, particle_ctfs
-from dask_refine.core.ctf_refine import (band_rfft_mask, defocus_errors, fit_beam_tilt,
-                                         phase_sums, refine_defocus)
+from dask_refine.core.ctf_refine import (
+    band_rfft_mask,
+    defocus_errors,
+    fit_beam_tilt,
+    phase_sums,
+    refine_defocus,
+)
 from dask_refine.core.fourier import rfft_multiplicity, translate_rfft
 from dask_refine.core.projection import extract_central_slices_rfft, prepare_reference_rfft
 from dask_refine.io.simulate import SimulationConfig, simulate_store
@@ -138,7 +142,7 @@ def test_trefoil_and_even_aberrations_are_recovered(demo_map, tmp_path):
     from dask_refine.core.ctf_refine import even_sums, fit_even_aberrations
     from dask_refine.io.simulate import render_particles
 
-    store, meta, truth, x, slices, px = _particles(demo_map, tmp_path, n=12)
+    _, meta, truth, x, slices, px = _particles(demo_map, tmp_path, n=12)
     odd = np.zeros((12, 6))
     odd[:, 2], odd[:, 5] = -30.0, 40.0
     x_odd = modulate(x, {"odd_zernike": odd}, px)

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .aberrations import ABERRATION_PARAMETERS, demodulate, magnified_rotations, per_particle_zernike
+from .aberrations import (
+    ABERRATION_PARAMETERS,
+    demodulate,
+    magnified_rotations,
+    per_particle_zernike,
+)
 from .backend import array_module, to_numpy
 from .ctf import ctf_rfft
 from .fourier import centred_rfftn, translate_rfft

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aberrations import (aberration_frequencies, even_zernike_nm, per_particle_zernike,
-                          zernike_cartesian)
+from .aberrations import (
+    aberration_frequencies,
+    per_particle_zernike,
+    zernike_cartesian,
+)
 from .backend import array_module, to_numpy
 from .backprojection import CTF_PARAMETERS, particle_ctfs
 from .ctf import ctf_2d, electron_wavelength_A

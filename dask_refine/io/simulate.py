@@ -52,7 +52,7 @@ from ..core.fourier import centred_irfftn, rfft_multiplicity, rfft_radius, trans
 from ..core.projection import DEFAULT_PAD, extract_central_slices_rfft, prepare_reference_rfft
 from ..core.rotations import euler_to_matrix, random_rotations
 from .errors import InputError
-from .store import OPTICS_COLUMNS, CTF_COLUMNS, GROUND_TRUTH, ParticleStore, assign_half_sets
+from .store import CTF_COLUMNS, GROUND_TRUTH, OPTICS_COLUMNS, ParticleStore, assign_half_sets
 
 #: Noise power spectra :func:`simulate_noise` can make.
 NOISE_COLORS = ("white", "ice")

@@ -12,8 +12,7 @@ import numpy as np
 
 from ..core.aberrations import model_aberrations
 from ..core.ctf_refine import fit_beam_tilt, fit_even_aberrations
-from ..io.store import OPTICS_COLUMNS, CTF_COLUMNS, ParticleStore
-
+from ..io.store import CTF_COLUMNS, OPTICS_COLUMNS, ParticleStore
 
 #: Even Zernike coefficients a group's refinement fits (RELION's n ≤ 4: 9).
 EVEN_COEFFICIENTS = 9

@@ -82,6 +82,8 @@ LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
                    "higher_order_aberrations_from_A": 4.0}
+#: A run's refined CTF and optics (State fields, saved in each iteration's poses.npz).
+CTF_STATE = ("defocus_offset_A", "beam_tilt_mrad", "trefoil", "even_zernike")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -145,7 +147,9 @@ class RefineConfig:
     ``per_particle_astigmatism``) at its best pose, and
     ``per_group_ctf`` each optics group's beam tilt, from the phases the particles leave against
     their references, and once the alignment band reaches ``higher_order_aberrations_from_A``
-    its trefoil and fourth-order even aberrations (C_s, tetrafoil) where they are significant; both go into ``particles.star`` / ``particles.cs`` and iterations.csv.
+    its trefoil and fourth-order even aberrations (C_s, tetrafoil) where they are
+    significant. The refined values go into ``particles.star``, ``particles.cs`` and
+    iterations.csv.
 
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
@@ -493,9 +497,7 @@ def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
                                                  "class_fraction": state.class_fraction}
     if state.alignment_references is not None:  # what the next iteration aligns against
         np.save(folder / ALIGNMENT_REFERENCES, np.stack(state.alignment_references))
-    if state.defocus_offset_A is not None:
-        classes["defocus_offset_A"] = state.defocus_offset_A
-    for name in ("beam_tilt_mrad", "trefoil", "even_zernike"):
+    for name in CTF_STATE:
         if getattr(state, name) is not None:
             classes[name] = getattr(state, name)
     np.savez(folder / "poses.npz", rotation=state.rotation, origin_px=state.origin_px,
@@ -531,10 +533,7 @@ def _load_state(out_dir, iteration: int) -> State:
                  class_fraction=arrays["class_fraction"] if "class_fraction" in arrays else None,
                  far_jump_fraction=js.get("far_jump_fraction", 0.0),  # older checkpoints
                  alignment_references=aligned,
-                 defocus_offset_A=(arrays["defocus_offset_A"] if "defocus_offset_A" in arrays
-                                   else None),
-                 **{name: arrays[name] if name in arrays else None
-                    for name in ("beam_tilt_mrad", "trefoil", "even_zernike")},
+                 **{name: arrays.get(name) for name in CTF_STATE},
                  **{k: js[k] for k in ("local", "level", "pose_change_deg",
                                        "pose_change_sampling_deg", "best_pose_change_deg",
                                        "angular_accuracy_deg")})
@@ -552,9 +551,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     prepared = [prepare_reference_rfft(r, config.pad) for r in aligned]
     envelopes = [amplitude_envelope(p, box) for p in prepared]
     reliable = state.r_align - config.alignment_margin_shells
+    options = _estep_options(config, state)
     settings = (prepared, envelopes, noise_weights(state.sigma2, box), params, px,
-                max(2.0, reliable), _estep_options(config, state))
-    # (the options are rebuilt below from the same state: the same values)
+                max(2.0, reliable), options)
     # hash=False: fresh keys every iteration. With content-hashed keys, a setting equal to the
     # last iteration's (the pixel size, a flag) gets the same key while that key is being
     # released, and the scheduler can lose it ("lost dependencies").
@@ -585,7 +584,6 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
               "n_significant", "max_posterior", "log_likelihood", "posterior_sd_deg", "capped")
     if n_classes > 1:
         fields += ("class_id", "class_weight")
-    options = _estep_options(config, state)
     if options.defocus_range_A > 0:
         fields += ("defocus_offset_A",)
     per_particle = {f: np.concatenate([getattr(step, f) for _, step in results]) for f in fields}
