@@ -31,7 +31,7 @@ from .aberrations import (
 from .backend import array_module, to_numpy
 from .backprojection import CTF_PARAMETERS, particle_ctfs
 from .ctf import ctf_2d, electron_wavelength_A
-from .fourier import rfft_multiplicity, rfft_radius
+from .fourier import rfft_frequencies, rfft_multiplicity, rfft_radius
 
 #: Grid spacing of the defocus search, Å.
 DEFOCUS_STEP_A = 20.0
@@ -183,48 +183,71 @@ def fit_beam_tilt(z, box_size: int, pixel_size_A: float, cs_mm: float, voltage_k
     zs = np.asarray(z).ravel()[sel]
     if not np.any(zs != 0):
         return np.zeros(a.shape[0])
-    grid = np.arange(-max_tilt_mrad, max_tilt_mrad + 1e-9, 0.25)
-    best, tau = -np.inf, np.zeros(2)
-    for tx in grid:  # one row of the grid at a time: (G, M) phases
-        phase = tx * a[0][None, :] + grid[:, None] * a[1][None, :]
-        score = np.real(np.exp(1j * phase) @ np.conj(zs))
-        i = int(np.argmax(score))
-        if score[i] > best:
-            best, tau = score[i], np.array([tx, grid[i]])
-    # Newton steps in a basis scaled to unit size on the band (the Zernike terms are tiny in
-    # 1/Å units), on Σ w cos(α·p − φ)
-    norm = np.abs(a).max(axis=1)
-    b = a / norm[:, None]
-    p = np.zeros(a.shape[0])
-    p[:2] = tau * norm[:2]
+    # The particles' origins take up the part of an odd phase that is linear in k (a shift), so
+    # the evidence may hold the tilt's phase less its linear part: the fit carries a linear
+    # phase as a nuisance (two parameters), and starts from the best point of two grids, one
+    # over the tilt's phase and one over its non-linear part only.
+    ky, kx = rfft_frequencies(box_size, 2)
+    ky, kx = np.broadcast_arrays(ky, kx)
+    linear = np.stack([kx.ravel()[sel], ky.ravel()[sel]]).astype(np.float64)
     w, phi = np.abs(zs), np.angle(zs)
+    a_rest = a - np.linalg.solve((linear * w) @ linear.T, (linear * w) @ a.T).T @ linear
+    grid = np.arange(-max_tilt_mrad, max_tilt_mrad + 1e-9, 0.25)
+
+    def grid_max(basis):
+        best, tau = -np.inf, np.zeros(2)
+        for tx in grid:  # one row of the grid at a time: (G, M) phases
+            phase = tx * basis[0][None, :] + grid[:, None] * basis[1][None, :]
+            score = np.real(np.exp(1j * phase) @ np.conj(zs))
+            i = int(np.argmax(score))
+            if score[i] > best:
+                best, tau = score[i], np.array([tx, grid[i]])
+        return tau
+
+    # Newton steps in a basis scaled to unit size on the band (the Zernike terms are tiny in
+    # 1/Å units), on Σ w cos(b·p − φ), b = the aberrations' columns and the linear phase's
+    full = np.vstack([a, linear])
+    norm = np.abs(full).max(axis=1)
+    b = full / norm[:, None]
 
     def score(q):
         return float(np.sum(w * np.cos(b.T @ q - phi)))
 
-    for _ in range(iterations):
-        resid = b.T @ p - phi
-        grad = -(b * (w * np.sin(resid))).sum(axis=1)
-        hess = -(b * (w * np.cos(resid))) @ b.T
-        try:
-            step = np.linalg.solve(hess, -grad)
-        except np.linalg.LinAlgError:
-            break
-        if grad @ step <= 0:  # not an ascent direction (the Hessian is not negative here)
-            step = 0.1 * grad / max(1e-300, np.abs(grad).max())
-        step = np.clip(step, -0.5, 0.5)
-        here = score(p)
-        while score(p + step) < here and np.abs(step).max() > 1e-12:  # backtrack
-            step = 0.5 * step
-        p = p + step
-        if np.abs(step).max() < 1e-9:
-            break
+    def newton(p):
+        for _ in range(iterations):
+            resid = b.T @ p - phi
+            grad = -(b * (w * np.sin(resid))).sum(axis=1)
+            hess = -(b * (w * np.cos(resid))) @ b.T
+            try:
+                step = np.linalg.solve(hess, -grad)
+            except np.linalg.LinAlgError:
+                break
+            if grad @ step <= 0:  # not an ascent direction (the Hessian is not negative here)
+                step = 0.1 * grad / max(1e-300, np.abs(grad).max())
+            step = np.clip(step, -0.5, 0.5)
+            here = score(p)
+            while score(p + step) < here and np.abs(step).max() > 1e-12:  # backtrack
+                step = 0.5 * step
+            p = p + step
+            if np.abs(step).max() < 1e-9:
+                break
+        return p
+
+    starts = []
+    for basis, with_linear in ((a, False), (a_rest, True)):
+        tau = grid_max(basis)
+        p0 = np.zeros(full.shape[0])
+        p0[:2] = tau
+        if with_linear:  # the linear phase that makes a_rest · τ out of a · τ
+            p0[-2:] = -np.linalg.solve((linear * w) @ linear.T, (linear * w) @ a[:2].T) @ tau
+        starts.append(newton(p0 * norm))
+    p = max(starts, key=score)
     if trefoil:  # keep the trefoil only where the data ask for it (see significant())
         without = p.copy()
-        without[2:] = 0.0
+        without[2:-2] = 0.0
         if not significant(2.0 * (score(p) - score(without)), 2):
             p = without
-    return p / norm
+    return (p / norm)[:-2]
 
 
 def even_sums(x_centred, slices, meta: dict, scale, noise_weight, pixel_size_A: float) -> dict:
