@@ -9,7 +9,8 @@ start from the truth low-passed to 30 Å. Prints a table (and writes JSON to
 ``benchmarks/results/ctf_refine_<case>.json``): gold-standard and FSC-to-truth (0.5)
 resolution, median pose error, the RMS defocus error left (refined − true, U and V), the beam
 tilt found, wall time; beside the known-pose maps with the true and with the filed CTF (what
-CTF refinement can at best give back). RELION's ``relion_ctf_refine`` (``--fit_defocus
+CTF refinement can at best give back) and the *oracle* defocus and tilt (fitted against the
+true map at the true poses: what the data allow, :func:`ctf_oracle`). RELION's ``relion_ctf_refine`` (``--fit_defocus
 --bf_only --bf_range R`` per particle, and ``--fit_beamtilt``) gets our uncorrected run's
 particles, half maps and a ``relion_postprocess`` FSC; its RMS defocus error and beam tilt are
 read from its output STAR.
@@ -59,6 +60,46 @@ def known_pose_map(store, px, path, ctf_from_truth: bool):
                               half[rows], px, first_index=start)
     write_map(path, reconstruct_halves_and_full(sums, store.info.box_size, px)[2], px)
     return path
+
+
+def ctf_oracle(store, truth, px, r_max: float, range_A: float) -> dict:
+    """What the data allow: each particle's defocus fitted by the job's own search against the
+    true map at its true pose and origin (true tilt applied), and the tilt fitted from all the
+    particles' phase sums (true defocus), over ``|k| < r_max``."""
+    from dask_refine.core.backprojection import observed_rfft, particle_ctfs
+    from dask_refine.core.ctf_refine import fit_beam_tilt, phase_sums, refine_defocus
+    from dask_refine.core.fourier import translate_rfft
+    from dask_refine.core.projection import extract_central_slices_rfft, prepare_reference_rfft
+    from dask_refine.io.store import GROUND_TRUTH
+    from dask_refine.jobs.ctf_refinement import image_model, load_optics
+
+    box = store.info.box_size
+    reference = prepare_reference_rfft(truth)
+    meta = load_optics(store)
+    gt = {k: store.read_column(k, group=GROUND_TRUTH) for k in
+          ("rotation", "shift_A", "scale", "defocus_u_A", "defocus_v_A", "beam_tilt_mrad")}
+    weight = np.full((box, box // 2 + 1), 1.0 / box ** 2)  # unit-variance pixel noise
+    offsets, z = [], 0
+    for start in range(0, store.info.n_particles, 100):
+        rows = slice(start, start + 100)
+        filed = {k: v[rows] for k, v in meta.items()}
+        slices = extract_central_slices_rfft(reference, gt["rotation"][rows], box)
+        model = image_model(dict(filed, beam_tilt_mrad=gt["beam_tilt_mrad"][rows]))
+        x = translate_rfft(observed_rfft(store.images[rows], model, px), gt["shift_A"][rows] / px)
+        offsets.append(refine_defocus(x, slices, model, gt["scale"][rows], weight, px, r_max,
+                                      range_A))
+        untilted = image_model(dict(filed, defocus_u_A=gt["defocus_u_A"][rows],
+                                    defocus_v_A=gt["defocus_v_A"][rows]))
+        x = translate_rfft(observed_rfft(store.images[rows], untilted, px),
+                           gt["shift_A"][rows] / px)
+        z = z + phase_sums(x, gt["scale"][rows][:, None, None]
+                           * particle_ctfs(untilted, box, px) * slices, weight)
+    offset = np.concatenate(offsets)
+    tilt = fit_beam_tilt(z, box, px, float(meta["cs_mm"][0]), float(meta["voltage_kV"][0]),
+                         r_max)
+    return {"rms_defocus_error_A": rms_defocus_error(meta["defocus_u_A"] + offset[:, 0],
+                                                     meta["defocus_v_A"] + offset[:, 1], store),
+            "beam_tilt_mrad": tilt.tolist()}
 
 
 def rms_defocus_error(defocus_u, defocus_v, store) -> float:
@@ -159,6 +200,10 @@ def main():
     filed = rms_defocus_error(store.read_column("defocus_u_A"), store.read_column("defocus_v_A"),
                               store)
     rows["known poses, filed CTF"]["rms_defocus_error_A"] = filed
+    for shell in (0.3, 0.4, 0.5):  # the band at 8, 6, 4.8 Å for box 64 at 2.4 Å/px
+        r_max = shell * box
+        rows[f"oracle: true map and poses, band {box * px / r_max:.1f} Å"] = ctf_oracle(
+            store, truth, px, r_max, 5 * args.defocus_error_A)
     gt = store.read_column("rotation", group=GROUND_TRUTH)
     import starfile
 
