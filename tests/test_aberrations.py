@@ -181,14 +181,17 @@ def test_beam_tilt_round_trips_through_star_and_is_applied(tilted, tmp_path):
     assert float(optics2["rlnBeamTiltX"][0]) == 3.0
 
 
+def _set_optics(optics, odd: str, even: str, mag=(1.01, 0.002, 0.002, 0.99)):
+    """Zernike coefficients (RELION's text) and a magnification matrix in an optics table."""
+    optics["rlnOddZernike"], optics["rlnEvenZernike"] = odd, even
+    for label, value in zip(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"), mag):
+        optics[label] = value
+
+
 def test_zernike_and_magnification_fields_are_imported(tilted, tmp_path):
     star, root = tilted[3], tilted[4]
     optics, particles = starfile.read(star).values()
-    optics["rlnOddZernike"] = "[0.01,0.02,0.0,0.0,0.0,0.03]"
-    optics["rlnEvenZernike"] = "[0.0,0.1,0.0,0.2]"
-    for label, value in zip(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"),
-                            (1.01, 0.002, 0.002, 0.99)):
-        optics[label] = value
+    _set_optics(optics, "[0.01,0.02,0.0,0.0,0.0,0.03]", "[0.0,0.1,0.0,0.2]")
     path = root / "zernike.star"
     starfile.write({"optics": optics, "particles": particles}, path)
     store = import_star(path, tmp_path / "z.zarr", chunk_size=400)
@@ -328,11 +331,7 @@ def test_every_optics_field_survives_star_cs_star(tilted, tmp_path):
 
     star = tilted[3]
     optics, particles = starfile.read(star).values()
-    optics["rlnOddZernike"] = "[0.01,0.02,0.5,0.0,0.0,0.03]"
-    optics["rlnEvenZernike"] = "[0.0,0.1,0.0,0.2,0.0,0.0,0.0,0.0,7.0]"
-    for label, value in zip(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"),
-                            (1.01, 0.002, 0.002, 0.99)):
-        optics[label] = value
+    _set_optics(optics, "[0.01,0.02,0.5,0.0,0.0,0.03]", "[0.0,0.1,0.0,0.2,0.0,0.0,0.0,0.0,7.0]")
     optics["rlnCtfDataArePhaseFlipped"] = 1
     starfile.write({"optics": optics, "particles": particles}, star.parent / "all.star")
     first = import_star(star.parent / "all.star", tmp_path / "a.zarr", chunk_size=400)

@@ -16,7 +16,7 @@ from dask_refine.io.errors import InputError
 from dask_refine.io.mrc import StackReader, read_map, write_map, write_stack
 from dask_refine.io.star import import_star
 
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=250, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
@@ -165,7 +165,7 @@ def test_fuzzed_star_import(seeds, edits, token, cut):
         assert star.read_bytes() == before  # the input is never modified
 
 
-CS_FUZZ = settings(FUZZ, max_examples=700)
+CS_FUZZ = settings(FUZZ, max_examples=400)
 
 
 def _import_cs_checked(folder: Path, cs: Path) -> None:
@@ -230,7 +230,7 @@ def _edit_table(t: np.ndarray, op: str, k: int, a: int, b: int) -> np.ndarray:
     return t
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(ops=st.lists(cs_edit, max_size=5))
 def test_fuzzed_cs_fields(seeds, ops):
     """Fields dropped, retyped, renamed or set to bad values (NaN, huge, negative, bad paths),

@@ -36,7 +36,7 @@ def _true_pose_map(store, px):
 def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
     volume, px = demo_map
     store = simulate_store(volume, px, tmp_path / "p.zarr",
-                           SimulationConfig(n_particles=300, snr=0.5, chunk_size=100, seed=4))
+                           SimulationConfig(n_particles=240, snr=0.5, chunk_size=80, seed=4))
     write_map(tmp_path / "initial.mrc", volume, px)  # low-passed to 30 Å by the job
     summary = run_refine(RefineConfig(store=str(store.path), initial_map=str(tmp_path / "initial.mrc"),
                                       out_dir=str(tmp_path / "out"), max_iterations=6,
