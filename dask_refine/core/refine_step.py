@@ -247,10 +247,10 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
         slices = extract_central_slices_rfft(references[k], _sliced_at(out.rotation[mine],
                                                                        slice_matrix), box)
         centred = translate_rfft(x[mine_d], out.origin_px[mine])
+        optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
         if options.defocus_range_A > 0:
             if out.defocus_offset_A is None:
                 out.defocus_offset_A = np.zeros((out.rotation.shape[0], 2))
-            optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
             out.defocus_offset_A[mine] = refine_defocus(
                 centred, slices, optics, scale[mine], class_weights[k], pixel_size_A, r_max,
                 options.defocus_range_A, astigmatism=options.defocus_astigmatism)
@@ -259,13 +259,13 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
             prediction = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d] * slices
             out.even_sums = {} if out.even_sums is None else out.even_sums
             group = np.asarray(meta["optics_group"])[mine]
-            optics = {c: np.asarray(v)[mine] for c, v in optics_meta(meta).items()}
             for g in np.unique(group):
                 at_host = np.flatnonzero(group == g)
                 at = xp.asarray(at_host)
                 z = phase_sums(centred[at], prediction[at], class_weights[k])
                 out.phase_sums[int(g)] = out.phase_sums.get(int(g), 0) + z
-                even = even_sums(centred[at], slices[at], {c: v[at_host] for c, v in optics.items()},
+                even = even_sums(centred[at], slices[at],
+                                 {c: v[at_host] for c, v in optics.items()},
                                  scale[mine][at_host], class_weights[k], pixel_size_A)
                 old = out.even_sums.get(int(g))
                 out.even_sums[int(g)] = even if old is None else {
