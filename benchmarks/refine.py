@@ -234,7 +234,7 @@ def main():
 
     truth, px = read_map(args.map)
     box = truth.shape[0]
-    work = Path(args.work) / (f"box{box}_n{args.n}_snr{args.snr:g}"
+    work = Path(args.work) / (f"{Path(args.map).stem}_box{box}_n{args.n}_snr{args.snr:g}"
                               + ("_realistic" if args.realistic else ""))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
