@@ -87,9 +87,10 @@ def test_fit_beam_tilt_recovers_the_tilt(demo_map, tmp_path):
 
 def test_refinement_refines_defocus_and_beam_tilt(demo_map, tmp_path):
     """Homogeneous Refinement with --per-particle-defocus --per-group-ctf on particles filed
-    with 400 Å defocus errors and no beam tilt (imaged with (3, −2) mrad): the refined defocus
-    and tilt move toward the truth and go into particles.star, particles.cs and
-    iterations.csv; the store keeps what was filed. The higher-order terms are fitted too
+    with 400 Å defocus errors, no beam tilt and no magnification (imaged with (3, −2) mrad and a
+    2% anisotropic magnification): the refined defocus, tilt and magnification move toward the
+    truth and go into particles.star, particles.cs and iterations.csv; the store keeps what
+    was filed. The higher-order terms are fitted too
     (their threshold lifted) and, absent from the data, stay zero."""
     import starfile
     from helpers import downsample_to_32
@@ -102,9 +103,10 @@ def test_refinement_refines_defocus_and_beam_tilt(demo_map, tmp_path):
     small, px = downsample_to_32(volume), 2 * px
     store = simulate_store(small, px, tmp_path / "p.zarr", SimulationConfig(
         n_particles=120, snr=10.0, chunk_size=60, seed=12, defocus_error_A=400.0,
-        beam_tilt_mrad=(3.0, -2.0), shift_sigma_A=2.0))
+        beam_tilt_mrad=(3.0, -2.0), shift_sigma_A=2.0, mag_matrix=(1.02, 0.0, 0.0, 0.98)))
     store.group.attrs["provenance"] = {}  # nothing below may read the truth
     store.write_column("beam_tilt_mrad", np.zeros((120, 2)))  # filed without the tilt
+    store.write_column("mag_matrix", np.tile(np.eye(2), (120, 1, 1)))  # nor the magnification
     write_map(tmp_path / "initial.mrc", small, px)
     summary = run_refine(RefineConfig(
         store=str(store.path), initial_map=str(tmp_path / "initial.mrc"),
@@ -123,6 +125,10 @@ def test_refinement_refines_defocus_and_beam_tilt(demo_map, tmp_path):
     # 120 small particles: each iteration's estimate is good to ≈ ±0.5 mrad (0.1 mrad needs
     # the benchmark's 1,000–2,000 particles at box 64)
     assert np.abs(tilt - [3.0, -2.0]).max() < 1.0, tilt
+    mag = optics[["rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"]].to_numpy(
+        dtype=float)[0]
+    # 2% anisotropy (1.02, 0.98): given back to a few parts in a thousand
+    np.testing.assert_allclose(mag, [1.02, 0.0, 0.0, 0.98], atol=0.004)
     np.testing.assert_array_equal(store.read_column("beam_tilt_mrad"), 0.0)  # store untouched
     for label in ("rlnOddZernike", "rlnEvenZernike"):
         assert all(float(v) == 0.0 for v in optics[label][0].strip("[]").split(",")), label
@@ -131,6 +137,9 @@ def test_refinement_refines_defocus_and_beam_tilt(demo_map, tmp_path):
     table = pd.read_csv(tmp_path / "out" / "iterations.csv")
     assert table["mean_defocus_change_A"].notna().sum() >= 2
     assert np.isfinite(table["beam_tilt_x_mrad_group_1"].iloc[-1])
+    assert abs(table["anisotropic_magnification_percent_group_1"].iloc[-1] - 4.0) < 0.5
+    np.testing.assert_allclose(cs["rln/mag_matrix"].reshape(-1, 4), np.tile(mag, (120, 1)))
+    assert np.all(store.read_column("mag_matrix") == np.eye(2))  # the store keeps the identity
     assert summary["iterations"] == 3
 
 
@@ -166,3 +175,57 @@ def test_trefoil_and_even_aberrations_are_recovered(demo_map, tmp_path):
     sums = even_sums(x_even, slices, meta, truth["scale"], np.ones((64, 33)), px)
     got = fit_even_aberrations(sums, 64, px, 30.0)
     np.testing.assert_allclose(got, even[0], rtol=0.03, atol=0.5)
+
+
+def test_slice_gradients_are_the_frequency_derivatives(demo_map):
+    """∂P/∂k of a projection's rfft equals the derivative of its Fourier transform evaluated
+    off the grid (a direct sum over the image's pixels), by central differences."""
+    from dask_refine.core.ctf_refine import slice_gradients
+    from dask_refine.core.fourier import centred_irfftn
+
+    volume, _ = demo_map
+    rot = np.eye(3)[None]
+    p = extract_central_slices_rfft(prepare_reference_rfft(volume.astype(np.float64)), rot, 64)
+    image = centred_irfftn(p, 2, 64)[0]
+    grad = slice_gradients(p)[0]
+    coord = np.arange(64) - 32
+    y, x = np.meshgrid(coord, coord, indexing="ij")
+
+    def ft(kx, ky):  # the image's transform at any frequency (Fourier pixels)
+        return np.sum(image * np.exp(-2j * np.pi * (kx * x + ky * y) / 64))
+
+    h = 1e-3
+    for ky, kx in ((0, 3), (5, 7), (-9, 4), (12, 0)):
+        row = ky + 32
+        fd = [(ft(kx + h, ky) - ft(kx - h, ky)) / (2 * h), (ft(kx, ky + h) - ft(kx, ky - h)) / (2 * h)]
+        np.testing.assert_allclose(grad[:, row, kx], fd, rtol=1e-5,
+                                   atol=1e-6 * np.abs(fd).max())
+
+
+def test_fit_magnification_recovers_an_anisotropic_magnification(demo_map, tmp_path):
+    """Images made under a magnification matrix with 1% anisotropy, read as if it were the
+    identity: the fit of their residuals against the true map's predictions gives the
+    anisotropic part back; a second pass from that matrix refines it; read with the true
+    matrix, the fit asks for nothing significant."""
+    from dask_refine.core.aberrations import magnified_rotations
+    from dask_refine.core.ctf_refine import fit_magnification, magnification_sums
+
+    true = np.array([[1.01, 0.004], [0.004, 0.99]])
+    store, meta, truth, _, _, px = _particles(demo_map, tmp_path, n=12,
+                                              mag_matrix=tuple(true.ravel()))
+    reference = prepare_reference_rfft(demo_map[0])
+    x = translate_rfft(observed_rfft(store.images[:], meta, px), truth["shift_A"] / px)
+
+    def fit(matrix):
+        model = dict(meta, mag_matrix=np.tile(matrix, (12, 1, 1)))
+        slices = extract_central_slices_rfft(
+            reference, magnified_rotations(truth["rotation"], model), 64)
+        c = truth["scale"][:, None, None] * particle_ctfs(model, 64, px)
+        return fit_magnification(magnification_sums(x, slices, c, np.ones((64, 33))), 64, 28.0)
+
+    d = fit(np.eye(2))
+    np.testing.assert_allclose(d, [[0.01, 0.004], [0.004, -0.01]], atol=1.5e-3)
+    second = np.eye(2) + d
+    second = second @ (np.eye(2) + fit(second))
+    np.testing.assert_allclose(second, true, atol=4e-4)
+    np.testing.assert_array_equal(fit(true), 0.0)

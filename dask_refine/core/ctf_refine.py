@@ -17,6 +17,14 @@ and reference held at their current values, over the alignment band, under the n
   ``δφ_k = −π·20000·Cs·λ²·(δτx kx + δτy ky)|k|²``. The update δτ maximises
   ``Re Σ_k conj(z_k) e^{iδφ_k(δτ)}``: a grid first (phases may wrap, noisy sums have local
   maxima), then Newton steps.
+* **Anisotropic magnification** (RELION 3.1's magnification fit, the same paper): an image whose
+  magnification is off by ``I + D`` (``D`` small) is its prediction sampled at ``(I + D) k``,
+  ``X_k ≈ c_k (P_k + ∇P_k · D k)`` with ``c = s C``. Each pixel's least-squares normal
+  equations in the displacement ``d = D k`` (``A = Σ w c² Re(∇P̄ ∇Pᵀ)``, ``b = Σ w c
+  Re(∇P̄ (X − cP))``) are summed over the particles of an optics group; ``D`` follows from the
+  four-parameter system over the band. Only the *anisotropic* part ``[[a, b], [b, −a]]`` is
+  fitted: an in-plane rotation is a change of pose, and an isotropic scale (the pixel size) of a
+  group's particles is a scale of the map they make.
 """
 
 from __future__ import annotations
@@ -31,7 +39,13 @@ from .aberrations import (
 from .backend import array_module, to_numpy
 from .backprojection import CTF_PARAMETERS, particle_ctfs
 from .ctf import ctf_2d, electron_wavelength_A
-from .fourier import rfft_frequencies, rfft_multiplicity, rfft_radius
+from .fourier import (
+    centred_irfftn,
+    centred_rfftn,
+    rfft_frequencies,
+    rfft_multiplicity,
+    rfft_radius,
+)
 
 #: Grid spacing of the defocus search, Å.
 DEFOCUS_STEP_A = 20.0
@@ -341,3 +355,77 @@ def fit_even_aberrations(sums: dict, box_size: int, pixel_size_A: float, r_max: 
         for index, weight in terms.items():
             coefficients[index] += value * weight
     return coefficients
+
+
+def slice_gradients(slices):
+    """``(B, 2, D, H)`` the frequency gradients ``∂P/∂kx``, ``∂P/∂ky`` (per Fourier pixel) of
+    image rffts ``P (B, D, H)``: ``∂P/∂k_j = FT(−2πi x_j p / D)`` with ``p`` the real image
+    they transform and ``x`` its centred pixel coordinates, exact for that band-limited image
+    (the projections of a map inside the box vanish at its edges, so nothing wraps)."""
+    xp = array_module(slices)
+    box = slices.shape[-2]
+    images = centred_irfftn(slices, 2, box)
+    coord = (xp.arange(box) - box // 2).astype(images.dtype)
+    factor = -2j * np.pi / box
+    return xp.stack([factor * centred_rfftn(images * coord[None, None, :], 2),
+                     factor * centred_rfftn(images * coord[None, :, None], 2)], axis=1)
+
+
+def magnification_sums(x_centred, slices, ctf_scaled, noise_weight) -> dict:
+    """Per-pixel normal equations ``(D, H)`` of the magnification fit summed over particles
+    (host float64): ``axx, axy, ayy = Σ w c² Re(∂P̄_i ∂P_j)``, ``bx, by = Σ w c
+    Re(∂P̄_i (X − cP))``. ``ctf_scaled``: ``c = s C`` (B, D, H); ``slices``: the predictions
+    without CTF (B, D, H), as the search makes them (magnification included)."""
+    xp = array_module(x_centred)
+    g = slice_gradients(slices)
+    c = ctf_scaled
+    w = xp.asarray(noise_weight)
+    resid = x_centred - c * slices
+    gx, gy = g[:, 0], g[:, 1]
+    cc = c * c
+
+    def total(a):
+        return to_numpy(a.sum(axis=0) * w).astype(np.float64)
+
+    return {"axx": total(cc * xp.abs(gx) ** 2), "ayy": total(cc * xp.abs(gy) ** 2),
+            "axy": total(cc * xp.real(xp.conj(gx) * gy)),
+            "bx": total(c * xp.real(xp.conj(gx) * resid)),
+            "by": total(c * xp.real(xp.conj(gy) * resid))}
+
+
+#: The anisotropic magnification ``D = [[a, b], [b, −a]]`` as a map from ``(a, b)`` to
+#: ``(D00, D01, D10, D11)``.
+ANISOTROPIC_BASIS = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+
+
+def fit_magnification(sums: dict, box_size: int, r_max: float, max_displacement_px: float = 0.5
+                      ) -> np.ndarray:
+    """The anisotropic distortion ``D (2, 2)`` (``[[a, b], [b, −a]]``) that the sums of
+    :func:`magnification_sums` ask for over ``0 < |k| < r_max``: the least-squares solution of
+    ``Σ_k m (d·A d − 2 d·b)`` with ``d = D k`` (RELION's ``solveLinearlyFreq``, restricted to
+    the anisotropic part), scaled down so that no displacement exceeds ``max_displacement_px``
+    at the band's edge (the model is linear in ``D``); zero unless it lowers the error
+    significantly (:func:`significant`). The group's matrix becomes ``M (I + D)``."""
+    sel = band_rfft_mask(box_size, r_max)
+    m = np.broadcast_to(rfft_multiplicity(box_size, 2), (box_size, box_size // 2 + 1)).ravel()[sel]
+    axx, axy, ayy, bx, by = (np.asarray(sums[k]).ravel()[sel] * m
+                             for k in ("axx", "axy", "ayy", "bx", "by"))
+    ky, kx = (np.broadcast_to(f, (box_size, box_size // 2 + 1)).ravel()[sel].astype(np.float64)
+              for f in rfft_frequencies(box_size, 2))
+    u = np.stack([kx, ky])  # d = (D[0] · u, D[1] · u)
+    hxx, hxy, hyy = ((u * a) @ u.T for a in (axx, axy, ayy))
+    h = np.block([[hxx, hxy], [hxy, hyy]])
+    g = np.concatenate([u @ bx, u @ by])
+    t = ANISOTROPIC_BASIS
+    ht, gt = t.T @ h @ t, t.T @ g
+    try:
+        q = np.linalg.solve(ht, gt)
+    except np.linalg.LinAlgError:
+        return np.zeros((2, 2))
+    if not significant(float(q @ gt), q.size):
+        return np.zeros((2, 2))
+    d = (t @ q).reshape(2, 2)
+    largest = r_max * np.linalg.norm(d, 2)
+    if largest > max_displacement_px:
+        d *= max_displacement_px / largest
+    return d

@@ -25,7 +25,7 @@ import numpy as np
 from .aberrations import magnified_rotations
 from .backend import array_module, batch_size_for_memory, free_device_bytes, segment_sums, to_numpy
 from .backprojection import FourierSums, observed_rfft, optics_meta, particle_ctfs
-from .ctf_refine import even_sums, phase_sums, refine_defocus
+from .ctf_refine import even_sums, magnification_sums, phase_sums, refine_defocus
 from .fourier import translate_rfft
 from .noise import log_noise_normaliser, scale_from_terms, scale_terms, shell_power_sums
 from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bound, pose_errors
@@ -65,7 +65,9 @@ class EStepOptions:
     offset within ± that range (``StepResult.defocus_offset_A``; U and V apart with
     ``defocus_astigmatism``); ``fit_beam_tilt`` sums the
     phase evidence (odd aberrations) and the γ evidence (even ones) per optics group
-    (``meta["optics_group"]``, 0-based; ``StepResult.phase_sums``, ``StepResult.even_sums``).
+    (``meta["optics_group"]``, 0-based; ``StepResult.phase_sums``, ``StepResult.even_sums``);
+    ``fit_magnification`` the normal equations of the anisotropic magnification
+    (``StepResult.mag_sums``).
     """
 
     n_classes: int = 1
@@ -81,6 +83,7 @@ class EStepOptions:
     defocus_range_A: float = 0.0
     defocus_astigmatism: bool = False
     fit_beam_tilt: bool = False
+    fit_magnification: bool = False
 
 
 @dataclass
@@ -112,6 +115,7 @@ class StepResult:
     defocus_offset_A: np.ndarray | None = None  # (B, 2) best U, V change (CTF refinement)
     phase_sums: dict | None = None  # optics group → (D, H) complex phase evidence
     even_sums: dict | None = None  # optics group → {a, b, cc, cq, qq} (D, H) even evidence
+    mag_sums: dict | None = None  # optics group → {axx, axy, ayy, bx, by} (D, H)
 
 
 def class_posteriors(errors) -> np.ndarray:
@@ -254,22 +258,33 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
             out.defocus_offset_A[mine] = refine_defocus(
                 centred, slices, optics, scale[mine], class_weights[k], pixel_size_A, r_max,
                 options.defocus_range_A, astigmatism=options.defocus_astigmatism)
-        if options.fit_beam_tilt:
-            out.phase_sums = {} if out.phase_sums is None else out.phase_sums
-            prediction = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d] * slices
-            out.even_sums = {} if out.even_sums is None else out.even_sums
-            group = np.asarray(meta["optics_group"])[mine]
-            for g in np.unique(group):
-                at_host = np.flatnonzero(group == g)
-                at = xp.asarray(at_host)
-                z = phase_sums(centred[at], prediction[at], class_weights[k])
-                out.phase_sums[int(g)] = out.phase_sums.get(int(g), 0) + z
-                even = even_sums(centred[at], slices[at],
-                                 {c: v[at_host] for c, v in optics.items()},
-                                 scale[mine][at_host], class_weights[k], pixel_size_A)
-                old = out.even_sums.get(int(g))
-                out.even_sums[int(g)] = even if old is None else {
-                    name: old[name] + even[name] for name in even}
+        if not (options.fit_beam_tilt or options.fit_magnification):
+            continue
+        scaled_ctf = xp.asarray(scale[mine]).reshape(-1, 1, 1) * ctf[mine_d]
+        group = np.asarray(meta["optics_group"])[mine]
+        for g in np.unique(group):
+            at_host = np.flatnonzero(group == g)
+            at = xp.asarray(at_host)
+            if options.fit_beam_tilt:
+                out.phase_sums = add_group_sums(out.phase_sums, int(g), phase_sums(
+                    centred[at], scaled_ctf[at] * slices[at], class_weights[k]))
+                out.even_sums = add_group_sums(out.even_sums, int(g), even_sums(
+                    centred[at], slices[at], {c: v[at_host] for c, v in optics.items()},
+                    scale[mine][at_host], class_weights[k], pixel_size_A))
+            if options.fit_magnification:
+                out.mag_sums = add_group_sums(out.mag_sums, int(g), magnification_sums(
+                    centred[at], slices[at], scaled_ctf[at], class_weights[k]))
+
+
+def add_group_sums(by_group: dict | None, group: int, sums) -> dict:
+    """``by_group`` (None: new) with ``sums`` (an array or a dict of arrays) added to its
+    ``group``'s: per-optics-group evidence, summed over particles and batches."""
+    by_group = {} if by_group is None else by_group
+    old = by_group.get(group)
+    by_group[group] = (sums if old is None else
+                       {k: old[k] + v for k, v in sums.items()} if isinstance(sums, dict)
+                       else old + sums)
+    return by_group
 
 
 def refine_particles(sums: FourierSums, images, meta: dict, groups, references, envelopes,
@@ -358,7 +373,7 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         drawn = (None if options.random_class_seed is None or k_total == 1 else
                  random_classes(options.random_class_seed, first_index + sel_host, k_total))
         poses = _posteriors(found, options, out, sel_host, offsets, cross, drawn)
-        if options.defocus_range_A > 0 or options.fit_beam_tilt:
+        if options.defocus_range_A > 0 or options.fit_beam_tilt or options.fit_magnification:
             _ctf_evidence(out, sel_host, x, ctf, scale, meta, [references[g] for g in own_group],
                           class_weights, slice_matrix, params.r_align, pixel_size_A, options)
         num, den = np.zeros(sel_host.size), np.zeros(sel_host.size)

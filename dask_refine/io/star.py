@@ -399,7 +399,7 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         columns["rlnOpticsGroup"] = optics["rlnOpticsGroup"].to_numpy()[optics_group - 1]
     # a refinement's beam tilt and Zernike coefficients, per optics group (table row)
     refined = {name: np.asarray(poses[name], np.float64) for name in
-               ("beam_tilt_mrad", *ZERNIKE_FIELDS) if name in poses}
+               ("beam_tilt_mrad", *ZERNIKE_FIELDS, "mag_matrix") if name in poses}
     for row, group in enumerate(group_of_row):
         members = np.flatnonzero(optics_group == group)
         if not members.size:
@@ -408,6 +408,9 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
         if "beam_tilt_mrad" in refined:
             for axis, label in enumerate(BEAM_TILT_FIELDS):
                 optics.loc[row, label] = refined["beam_tilt_mrad"][first, axis]
+        if "mag_matrix" in refined:
+            for value, label in zip(refined["mag_matrix"][first].ravel(), MAG_MATRIX_FIELDS):
+                optics.loc[row, label] = value
         for name, label in ZERNIKE_FIELDS.items():
             if name in refined:
                 if label not in optics.columns:

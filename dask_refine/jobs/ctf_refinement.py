@@ -2,8 +2,8 @@
 and how the evidence it returns updates it (the numerics are :mod:`..core.ctf_refine`).
 
 The store's CTF and optics columns are never changed; a run keeps its refined values beside
-them (``State.defocus_offset_A``, ``State.beam_tilt_mrad``), applies them to every later
-iteration and writes them to its particle files.
+them (the State fields named in :data:`CTF_STATE`), applies them to every later iteration and
+writes them to its particle files.
 """
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.aberrations import model_aberrations
-from ..core.ctf_refine import fit_beam_tilt, fit_even_aberrations
+from ..core.ctf_refine import fit_beam_tilt, fit_even_aberrations, fit_magnification
 from ..io.store import CTF_COLUMNS, OPTICS_COLUMNS, ParticleStore
 
+#: A run's refined CTF and optics, as State fields (saved in each iteration's poses.npz):
+#: per particle the defocus offset from the file's (N, 2: U, V); per optics group (rows in
+#: the order of ``np.unique(optics_group)``) the beam tilt (G, 2) mrad, the trefoil (G, 2)
+#: added to odd coefficients 2 and 5, the even coefficients (G, 9) added to the filed ones,
+#: and the magnification matrix (G, 2, 2) that replaces the filed one. None: as filed.
+CTF_STATE = ("defocus_offset_A", "beam_tilt_mrad", "trefoil", "even_zernike", "mag_matrix")
 #: Even Zernike coefficients a group's refinement fits (RELION's n ≤ 4: 9).
 EVEN_COEFFICIENTS = 9
 #: A group's even aberrations are refined only in iterations where its beam tilt moved less.
@@ -56,11 +62,12 @@ def _added(filed, delta, width: int):
 
 
 def refined_columns(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None, trefoil=None,
-                    even_zernike=None) -> dict:
-    """The CTF and optics columns with a run's refined values: ``defocus_u/v_A`` moved by
-    ``defocus_offset_A`` (N, 2); per optics group (rows of ``(G, …)``) the ``beam_tilt_mrad``,
-    the ``trefoil`` added to odd coefficients 2 and 5, the ``even_zernike`` (G, 9) added to the
-    filed even coefficients."""
+                    even_zernike=None, mag_matrix=None) -> dict:
+    """The CTF and optics columns with a run's refined values (:data:`CTF_STATE`):
+    ``defocus_u/v_A`` moved by ``defocus_offset_A`` (N, 2); per optics group (rows of
+    ``(G, …)``) the ``beam_tilt_mrad``, the ``trefoil`` added to odd coefficients 2 and 5, the
+    ``even_zernike`` (G, 9) added to the filed even coefficients, the ``mag_matrix``
+    (G, 2, 2)."""
     cols = {k: meta[k] for k in (*CTF_COLUMNS, *OPTICS_COLUMNS) if k in meta}
     if defocus_offset_A is not None:
         cols["defocus_u_A"] = meta["defocus_u_A"] + defocus_offset_A[:, 0]
@@ -75,51 +82,78 @@ def refined_columns(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None, tref
     if even_zernike is not None:
         delta = np.asarray(even_zernike)[index]
         cols["even_zernike"] = _added(meta.get("even_zernike"), delta, delta.shape[1])
+    if mag_matrix is not None:
+        cols["mag_matrix"] = np.asarray(mag_matrix, np.float64)[index]
     return cols
 
 
-def image_model(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None, trefoil=None,
-                even_zernike=None) -> dict:
+def image_model(meta: dict, **refined) -> dict:
     """The E-step's per-particle image model: CTF columns (refined defocus) and the model's
     aberrations (odd coefficients with the refined tilt and trefoil, even ones with their
-    refinement, magnification), with ``optics_group`` as a 0-based index."""
-    cols = refined_columns(meta, defocus_offset_A, beam_tilt_mrad, trefoil, even_zernike)
+    refinement, the refined magnification), with ``optics_group`` as a 0-based index.
+    ``refined``: a run's values by their :data:`CTF_STATE` names."""
+    cols = refined_columns(meta, **refined)
     model = {k: cols[k] for k in CTF_COLUMNS}
     model.update(model_aberrations(cols))
     model["optics_group"] = group_index(meta)
     return model
 
 
+def filed_mag_matrix(meta: dict) -> np.ndarray:
+    """``(G, 2, 2)`` magnification matrix of each optics group as filed (identity if none)."""
+    index = group_index(meta)
+    out = np.tile(np.eye(2), (index.max() + 1, 1, 1))
+    if meta.get("mag_matrix") is not None:
+        for g in range(out.shape[0]):
+            out[g] = np.asarray(meta["mag_matrix"][np.flatnonzero(index == g)[0]]).reshape(2, 2)
+    return out
+
+
+def anisotropy_percent(matrix) -> float:
+    """RELION's anisotropic magnification of a 2×2 matrix: the difference of its singular
+    values over their mean, in percent."""
+    sv = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False)
+    return float(100.0 * (sv[0] - sv[1]) / sv.mean())
+
+
 def refine_from_evidence(meta: dict, state, found_offset_A, phase_sums: dict | None,
                          even_sums: dict | None, range_A: float, r_max: float, box_size: int,
-                         pixel_size_A: float, higher_order: bool = True):
-    """The next ``(defocus_offset_A, beam_tilt_mrad, trefoil, even_zernike)`` from one
-    E-step's evidence (starting from ``state``'s), with statistics.
+                         pixel_size_A: float, higher_order: bool = True,
+                         mag_sums: dict | None = None):
+    """The next CTF state (:data:`CTF_STATE` name → value, starting from ``state``'s) from one
+    E-step's evidence, with statistics.
 
     ``found_offset_A`` (N, 2) or None: each particle's best U, V offsets relative to the
     defocus it was searched with; the total stays within ± ``range_A`` of the file's.
-    ``phase_sums`` / ``even_sums``: optics group index → sums (None: not refined); each
-    group's tilt and trefoil move by the fit of its phase sums, its even coefficients by the
-    fit of its γ sums, over ``|k| < r_max`` (:mod:`..core.ctf_refine`); the trefoil and even
-    terms only with ``higher_order``."""
-    defocus_offset_A, beam_tilt_mrad = state.defocus_offset_A, state.beam_tilt_mrad
-    trefoil, even_zernike = state.trefoil, state.even_zernike
+    ``phase_sums`` / ``even_sums`` / ``mag_sums``: optics group index → sums (None: not
+    refined); each group's tilt and trefoil move by the fit of its phase sums, its even
+    coefficients by the fit of its γ sums, its magnification matrix ``M`` to ``M (I + D)`` by
+    the fit of its gradient sums, over ``|k| < r_max`` (:mod:`..core.ctf_refine`); the trefoil
+    and even terms only with ``higher_order``."""
+    new = {name: getattr(state, name) for name in CTF_STATE}
     stats = {}
     if found_offset_A is not None:
-        base = np.zeros_like(found_offset_A) if defocus_offset_A is None else defocus_offset_A
-        defocus_offset_A = np.clip(base + found_offset_A, -range_A, range_A)
+        base = (np.zeros_like(found_offset_A) if new["defocus_offset_A"] is None
+                else new["defocus_offset_A"])
+        new["defocus_offset_A"] = np.clip(base + found_offset_A, -range_A, range_A)
         stats["mean_defocus_change_A"] = float(np.mean(np.abs(found_offset_A)))
-        stats["rms_defocus_offset_A"] = float(np.sqrt(np.mean(defocus_offset_A ** 2)))
+        stats["rms_defocus_offset_A"] = float(np.sqrt(np.mean(new["defocus_offset_A"] ** 2)))
+    index = group_index(meta)
+    n_groups = index.max() + 1
+
+    def group_optics(g):
+        first = int(np.flatnonzero(index == g)[0])
+        mag = meta["mag_matrix"][first] if "mag_matrix" in meta else None
+        return first, mag
+
     if phase_sums is not None:
-        index = group_index(meta)
-        n_groups = index.max() + 1
-        tilt = filed_beam_tilt(meta) if beam_tilt_mrad is None else np.array(beam_tilt_mrad)
-        trefoil = np.zeros((n_groups, 2)) if trefoil is None else np.array(trefoil)
-        even_zernike = (np.zeros((n_groups, EVEN_COEFFICIENTS)) if even_zernike is None
-                        else np.array(even_zernike))
+        tilt = (filed_beam_tilt(meta) if new["beam_tilt_mrad"] is None
+                else np.array(new["beam_tilt_mrad"]))
+        trefoil = np.zeros((n_groups, 2)) if new["trefoil"] is None else np.array(new["trefoil"])
+        even_zernike = (np.zeros((n_groups, EVEN_COEFFICIENTS)) if new["even_zernike"] is None
+                        else np.array(new["even_zernike"]))
         for g, z in sorted(phase_sums.items()):
-            first = int(np.flatnonzero(index == g)[0])
-            mag = meta["mag_matrix"][first] if "mag_matrix" in meta else None
+            first, mag = group_optics(g)
             step = fit_beam_tilt(z, box_size, pixel_size_A, float(meta["cs_mm"][first]),
                                  float(meta["voltage_kV"][first]), r_max, mag,
                                  trefoil=higher_order)
@@ -133,7 +167,15 @@ def refine_from_evidence(meta: dict, state, found_offset_A, phase_sums: dict | N
             if higher_order and settled and even_sums and g in even_sums:
                 even_zernike[g] += fit_even_aberrations(even_sums[g], box_size, pixel_size_A,
                                                         r_max, mag)
-        beam_tilt_mrad = tilt
+        new.update(beam_tilt_mrad=tilt, trefoil=trefoil, even_zernike=even_zernike)
         stats.update(beam_tilt_mrad=tilt.tolist(), trefoil=trefoil.tolist(),
                      even_zernike=even_zernike.tolist())
-    return defocus_offset_A, beam_tilt_mrad, trefoil, even_zernike, stats
+    if mag_sums is not None:
+        mag = (filed_mag_matrix(meta) if new["mag_matrix"] is None
+               else np.array(new["mag_matrix"], np.float64))
+        for g, sums in sorted(mag_sums.items()):
+            mag[g] = mag[g] @ (np.eye(2) + fit_magnification(sums, box_size, r_max))
+        new["mag_matrix"] = mag
+        stats.update(mag_matrix=mag.tolist(),
+                     anisotropic_magnification_percent=[anisotropy_percent(m) for m in mag])
+    return new, stats

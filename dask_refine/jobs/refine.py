@@ -37,7 +37,7 @@ from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_res
 from ..core import so3_grid
 from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_evaluations,
                                 search_levels)
-from ..core.refine_step import EStepOptions
+from ..core.refine_step import EStepOptions, add_group_sums
 from ..core.projection import DEFAULT_PAD, prepare_reference_rfft
 from ..core.reconstruction import fold_out_references, reconstruct
 from ..core.rotations import angular_distance_deg
@@ -51,7 +51,13 @@ from ..io.store import ParticleStore
 from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
 from ..parallel.mapreduce import refine_graph
-from .ctf_refinement import image_model, load_optics, refine_from_evidence, refined_columns
+from .ctf_refinement import (
+    CTF_STATE,
+    image_model,
+    load_optics,
+    refine_from_evidence,
+    refined_columns,
+)
 from .progress import iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
 from .reconstruct import check_symmetry
@@ -82,8 +88,6 @@ LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
                    "higher_order_aberrations_from_A": 4.0}
-#: A run's refined CTF and optics (State fields, saved in each iteration's poses.npz).
-CTF_STATE = ("defocus_offset_A", "beam_tilt_mrad", "trefoil", "even_zernike")
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -148,6 +152,7 @@ class RefineConfig:
     ``per_group_ctf`` each optics group's beam tilt, from the phases the particles leave against
     their references, and once the alignment band reaches ``higher_order_aberrations_from_A``
     its trefoil and fourth-order even aberrations (C_s, tetrafoil) where they are
+    significant, and its anisotropic magnification from the references' gradients where
     significant. The refined values go into ``particles.star``, ``particles.cs`` and
     iterations.csv.
 
@@ -252,13 +257,15 @@ class State:
     # (2K·F) references each particle is searched against, index (class · 2 + half) · F + fold:
     # its half's map without its fold (None: the half maps themselves)
     alignment_references: list | None = None
-    # CTF refinement: each particle's defocus offset from its file's (N, 2: U, V), the beam tilt
-    # (G, 2) mrad of each optics group (in the order of np.unique(optics_group)); None: as filed
+    # CTF refinement (ctf_refinement.CTF_STATE): each particle's defocus offset from its file's
+    # (N, 2: U, V), the beam tilt (G, 2) mrad of each optics group (in the order of
+    # np.unique(optics_group)); None: as filed
     defocus_offset_A: np.ndarray | None = None
     beam_tilt_mrad: np.ndarray | None = None
     # (G, 2) added to the groups' odd coefficients 2 and 5, (G, 9) to their even ones
     trefoil: np.ndarray | None = None
     even_zernike: np.ndarray | None = None
+    mag_matrix: np.ndarray | None = None  # (G, 2, 2) refined magnification of each group
 
     @property
     def n_classes(self) -> int:
@@ -454,7 +461,8 @@ def _estep_options(config, state: State) -> EStepOptions:
                         defocus_range_A=(config.defocus_range_A if config.per_particle_defocus
                                          and refine_ctf else 0.0),
                         defocus_astigmatism=config.per_particle_astigmatism,
-                        fit_beam_tilt=config.per_group_ctf and refine_ctf)
+                        fit_beam_tilt=config.per_group_ctf and refine_ctf,
+                        fit_magnification=config.per_group_ctf and refine_ctf)
 
 
 def outlier_fraction(log_likelihood) -> float:
@@ -539,6 +547,16 @@ def _load_state(out_dir, iteration: int) -> State:
                                        "angular_accuracy_deg")})
 
 
+def _summed_by_group(per_step) -> dict:
+    """Per-optics-group evidence (group → array or dict of arrays, or None) summed over the
+    E-step's batches."""
+    total = {}
+    for sums in per_step:
+        for g, value in (sums or {}).items():
+            total = add_group_sums(total, g, value)
+    return total
+
+
 def _run_iteration(config, store, meta, groups, state: State, client, radius_px, max_shift_px,
                    mask, progress):
     info = store.info
@@ -559,8 +577,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     # released, and the scheduler can lose it ("lost dependencies").
     if client is not None:
         settings = client.scatter(settings, broadcast=True, hash=False)
-    step_meta = (image_model(meta, state.defocus_offset_A, state.beam_tilt_mrad, state.trefoil,
-                             state.even_zernike) if config.use_ctf else {})
+    step_meta = (image_model(meta, **{name: getattr(state, name) for name in CTF_STATE})
+                 if config.use_ctf else {})
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
     if params.local:
@@ -597,19 +615,17 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     noise_sums = sum(step.noise_sums for _, step in results)
     pruning = sum(step.pruning for _, step in results)  # (levels, 3)
     noise_counts = sum(step.noise_counts for _, step in results)
-    phase = even = None
+    phase = even = magnification = None
     if options.fit_beam_tilt:
-        phase, even = {}, {}
-        for _, step in results:
-            for g, z in (step.phase_sums or {}).items():
-                phase[g] = phase.get(g, 0) + z
-            for g, sums_g in (step.even_sums or {}).items():
-                even[g] = sums_g if g not in even else {k: even[g][k] + v
-                                                       for k, v in sums_g.items()}
-    defocus_offset, beam_tilt, trefoil, even_zernike, ctf_stats = refine_from_evidence(
+        phase = _summed_by_group(step.phase_sums for _, step in results)
+        even = _summed_by_group(step.even_sums for _, step in results)
+    if options.fit_magnification:
+        magnification = _summed_by_group(step.mag_sums for _, step in results)
+    ctf_state, ctf_stats = refine_from_evidence(
         meta, state, per_particle.get("defocus_offset_A"), phase, even, config.defocus_range_A,
         params.r_align, box, px,
-        higher_order=box * px / params.r_align <= config.higher_order_aberrations_from_A)
+        higher_order=box * px / params.r_align <= config.higher_order_aberrations_from_A,
+        mag_sums=magnification)
     # M-step per class: halves, FSC, references regularised by their FSC; noise, scales
     sums = sums.completed(box, config.symmetry)
     fold_sums = sums
@@ -685,8 +701,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                 best_pose_change_deg=min(changed, state.best_pose_change_deg),
                 angular_accuracy_deg=accuracy, far_jump_fraction=far,
                 class_fraction=fraction, alignment_references=alignment if folds > 1 else None,
-                defocus_offset_A=defocus_offset, beam_tilt_mrad=beam_tilt, trefoil=trefoil,
-                even_zernike=even_zernike)
+                **ctf_state)
     stats = {"level": params.last_level, "local": params.local, "r_align_used": params.r_align,
              "local_level": params.local_level if params.local else None,
              "median_pose_change_deg": changed, "far_jump_fraction": far,
@@ -874,6 +889,10 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         for axis, name in enumerate("xy"):
             per_class[f"beam_tilt_{name}_mrad_group_{g + 1}"] = [
                 t[g][axis] if t else math.nan for t in tilts]
+    aniso = [r.get("anisotropic_magnification_percent") for r in rows]
+    for g in range(max((len(a) for a in aniso if a), default=0)):
+        per_class[f"anisotropic_magnification_percent_group_{g + 1}"] = [
+            a[g] if a else math.nan for a in aniso]
     write_csv(out / "iterations.csv", {
         "iteration": [r["iteration"] for r in rows],
         "resolution_A": [r["resolution_A"] for r in rows],
@@ -892,11 +911,12 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
              "scale": state.scale}
     with np.load(last / "poses.npz") as arrays:
         poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})
-    if state.defocus_offset_A is not None or state.beam_tilt_mrad is not None:
-        refined = refined_columns(load_optics(store), state.defocus_offset_A,
-                                  state.beam_tilt_mrad, state.trefoil, state.even_zernike)
+    if any(getattr(state, name) is not None for name in CTF_STATE):
+        refined = refined_columns(load_optics(store),
+                                  **{name: getattr(state, name) for name in CTF_STATE})
         poses.update({k: refined[k] for k in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad",
-                                              "odd_zernike", "even_zernike") if k in refined})
+                                              "odd_zernike", "even_zernike", "mag_matrix")
+                      if k in refined})
     if state.class_id is not None:
         poses["class_id"] = state.class_id
     star = export_star(store, out / "particles.star", poses=poses)

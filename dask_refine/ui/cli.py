@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: ±%(default)s)")
         g.add_argument("--per-group-ctf", action="store_true",
                        help="refit each optics group's beam tilt from the phases its particles "
-                       "leave against the reference (RELION's CtfRefine --fit_beamtilt)")
+                       "leave against the reference (RELION's CtfRefine --fit_beamtilt) and its "
+                       "anisotropic magnification from the reference's gradient (--fit_aniso)")
         g.add_argument("--higher-order-aberrations-from-A", type=float,
                        default=d.higher_order_aberrations_from_A, metavar="Å",
                        help="with --per-group-ctf, also fit trefoil, C_s and tetrafoil once the "
