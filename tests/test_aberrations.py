@@ -24,6 +24,7 @@ from dask_refine.core.backprojection import FourierSums, backproject_particles, 
 from dask_refine.core.ctf import ctf_rfft, electron_wavelength_A
 from dask_refine.core.fourier import rfft_frequencies
 from dask_refine.core.rotations import random_rotations
+from dask_refine.io.cryosparc import export_cs, import_cs
 from dask_refine.io.errors import InputError
 from dask_refine.io.mrc import read_map
 from dask_refine.io.simulate import SimulationConfig, simulate_store
@@ -247,6 +248,59 @@ def test_aberrated_star_reconstructs_like_relion(demo_map, tmp_path, optics):
     assert _cc(ours, relion, mask) > 0.99
     assert _cc(ours, volume, mask) > _cc(ignored, volume, mask) + 0.05
     assert _cc(relion, volume, mask) > _cc(ignored, volume, mask) + 0.05
+
+
+def test_optics_groups_at_different_pixel_sizes(demo_map, tmp_path):
+    """Two optics groups imaged at 1× and 1.05× the map's pixel size (one box), filed as
+    RELION 3.1 files them (rlnImagePixelSize per optics group): the import keeps each
+    particle's pixel size and the first group's as the store's; the known-pose map applies the
+    ratio as a magnification (RELION's applyScaleDifference) and equals the map of the same
+    particles imaged at one pixel size; it agrees with ``relion_reconstruct``'s where RELION
+    is installed; the round trips keep every pixel size; different boxes are refused."""
+    volume, px = demo_map
+    config = SimulationConfig(n_particles=600, snr=np.inf, chunk_size=300, seed=4,
+                              other_group_pixel_sizes_A=(1.05 * px,))
+    store = simulate_store(volume, px, tmp_path / "p.zarr", config, write_poses=True)
+    plain = simulate_store(volume, px, tmp_path / "plain.zarr", dataclasses.replace(
+        config, other_group_pixel_sizes_A=()), write_poses=True)
+    star = export_star(store, tmp_path / "p.star")
+    optics, particles = starfile.read(star).values()
+    np.testing.assert_allclose(optics["rlnImagePixelSize"], [px, 1.05 * px])
+    imported = import_star(star, tmp_path / "imported.zarr", chunk_size=300)
+    assert imported.info.pixel_size_A == px
+    np.testing.assert_allclose(imported.read_column("image_pixel_size_A"),
+                               np.where(np.arange(600) % 2, 1.05 * px, px))
+    np.testing.assert_allclose(imported.read_column("shift_A"), store.read_column("shift_A"))
+    mask = _sphere(volume)
+    applied = _known_pose_map(imported, px)
+    assert _cc(applied, _known_pose_map(plain, px), mask) > 0.999
+    meta = load_pose_metadata(imported, use_ctf=True)
+    ignored = {k: v for k, v in meta.items() if k not in ("mag_matrix", "image_pixel_size_A")}
+    sums = backproject_particles(FourierSums.zeros(2, 64), imported.images[:], ignored,
+                                 meta["half_set"], px)
+    ignored_map = reconstruct_halves_and_full(sums, 64, px)[2]
+    assert _cc(applied, volume, mask) > _cc(ignored_map, volume, mask) + 0.05
+    # .cs: blob/psize_A per particle, alignments3D shifts in each one's pixels
+    cs = export_cs(imported, tmp_path / "p.cs")
+    table = np.load(cs)
+    np.testing.assert_allclose(table["blob/psize_A"], imported.read_column("image_pixel_size_A"),
+                               rtol=1e-6)
+    again = import_cs(cs, tmp_path / "again.zarr")
+    np.testing.assert_allclose(again.read_column("image_pixel_size_A"),
+                               imported.read_column("image_pixel_size_A"), rtol=1e-6)
+    np.testing.assert_allclose(again.read_column("shift_A"), store.read_column("shift_A"),
+                               atol=1e-4)
+    if shutil.which("relion_reconstruct") is not None:
+        run = subprocess.run(["relion_reconstruct", "--i", str(star), "--o", "relion.mrc",
+                              "--ctf"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        relion, _ = read_map(tmp_path / "relion.mrc")
+        assert _cc(applied, relion, mask) > 0.99
+    optics["rlnImageSize"] = [64, 72]
+    starfile.write({"optics": optics, "particles": particles}, tmp_path / "boxes.star")
+    with pytest.raises(InputError, match="rlnImageSize"):
+        import_star(tmp_path / "boxes.star", tmp_path / "boxes.zarr")
 
 
 def test_the_e_step_searches_and_scores_with_each_groups_optics(demo_map, tmp_path):

@@ -511,7 +511,7 @@ BAD = {
     "index_range": "field blob/idx: row 4 asks for image index 99 of .*mic2_particles.mrcs; "
                    "the stack has 4 images",
     "blob_shape": "field blob/shape: row 4 is \\[20, 20\\]; expected \\[16, 16\\]",
-    "pixel_sizes": "field blob/psize_A: particles have different pixel sizes",
+    "pixel_size_sign": "field blob/psize_A: row 5 has -2.59.*; expected a positive finite pixel",
     "bad_name": "field 'ctf/df1 A': is not a cryoSPARC field name",
     "not_structured": "holds a plain float64 array; expected a structured array",
     "empty": "has no particles",
@@ -552,8 +552,8 @@ def test_bad_cs_input(tmp_path, rng, problem):
         bad["blob/idx"][3] = 99
     elif problem == "blob_shape":
         bad["blob/shape"][3] = 20
-    elif problem == "pixel_sizes":
-        bad["blob/psize_A"][4] = 2.6
+    elif problem == "pixel_size_sign":  # (different pixel sizes are optics groups: allowed)
+        bad["blob/psize_A"][4] = -2.6
     elif problem == "bad_name":
         bad = rename_fields(bad, {"ctf/df1_A": "ctf/df1 A"})
     elif problem == "not_structured":

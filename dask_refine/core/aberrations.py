@@ -105,12 +105,28 @@ def odd_zernike_with_tilt(odd_zernike, beam_tilt_mrad, cs_mm, voltage_kV) -> np.
     return out
 
 
-def model_aberrations(columns: dict) -> dict:
+def model_aberrations(columns: dict, pixel_size_A: float | None = None) -> dict:
     """The image model's aberration columns from the stored ones (``beam_tilt_mrad``,
-    ``odd_zernike``, ``even_zernike``, ``mag_matrix``, with ``cs_mm`` and ``voltage_kV``): odd
-    coefficients with the tilt folded in, even coefficients, magnification; each only where it
-    is present and not zero (identity for the matrix)."""
+    ``odd_zernike``, ``even_zernike``, ``mag_matrix``, ``image_pixel_size_A``, with ``cs_mm``
+    and ``voltage_kV``): odd coefficients with the tilt folded in, even coefficients,
+    magnification; each only where it is present and not zero (identity for the matrix).
+
+    Optics groups imaged at another pixel size than the reference's (``pixel_size_A``, the
+    store's) are a magnification, as RELION's ``applyScaleDifference``: image frequency ``k``
+    of a particle at pixel size ``p`` is the reference's ``(pixel_size_A / p) k`` (same box),
+    so the model's matrix is ``(pixel_size_A / p) M`` and the CTF, taken at that frequency
+    over ``pixel_size_A``, is the particle's own. The particle's ``image_pixel_size_A`` is then
+    kept in the model too: its origins convert to pixels by it (:func:`image_pixel_sizes`)."""
     out = {}
+    mag = columns.get("mag_matrix")
+    image_px = columns.get("image_pixel_size_A")
+    if image_px is not None and pixel_size_A is not None:
+        ratio = float(pixel_size_A) / np.asarray(image_px, np.float64).ravel()
+        if np.any(np.abs(ratio - 1.0) > 1e-9):
+            base = (np.tile(np.eye(2), (ratio.size, 1, 1)) if mag is None
+                    else np.asarray(mag, np.float64).reshape(-1, 2, 2))
+            mag = base * ratio[:, None, None]
+            out["image_pixel_size_A"] = np.asarray(image_px, np.float64).ravel()
     if "beam_tilt_mrad" in columns or "odd_zernike" in columns:
         odd = odd_zernike_with_tilt(columns.get("odd_zernike"), columns.get("beam_tilt_mrad"),
                                     columns["cs_mm"], columns["voltage_kV"])
@@ -119,7 +135,6 @@ def model_aberrations(columns: dict) -> dict:
     even = columns.get("even_zernike")
     if even is not None and np.any(np.asarray(even) != 0):
         out["even_zernike"] = np.asarray(even, np.float64)
-    mag = columns.get("mag_matrix")
     if mag is not None and np.any(np.asarray(mag, np.float64).reshape(-1, 4)
                                   != [1.0, 0.0, 0.0, 1.0]):
         out["mag_matrix"] = np.asarray(mag, np.float64)
@@ -127,6 +142,14 @@ def model_aberrations(columns: dict) -> dict:
     if flipped is not None and np.any(np.asarray(flipped) != 0):
         out["ctf_phase_flipped"] = np.asarray(flipped) != 0
     return out
+
+
+def image_pixel_sizes(meta: dict, pixel_size_A: float, n: int) -> np.ndarray:
+    """``(n,)`` each particle's image pixel size: its optics group's where the model carries
+    one (:func:`model_aberrations`), else ``pixel_size_A``."""
+    if "image_pixel_size_A" in meta:
+        return np.asarray(meta["image_pixel_size_A"], np.float64).ravel()
+    return np.full(n, float(pixel_size_A))
 
 
 def aberration_frequencies(box_size: int, pixel_size_A: float, mag_matrix=None, xp=np):

@@ -17,6 +17,7 @@ import numpy as np
 from .aberrations import (
     ABERRATION_PARAMETERS,
     demodulate,
+    image_pixel_sizes,
     magnified_rotations,
     per_particle_zernike,
 )
@@ -124,7 +125,8 @@ def backproject_particles(sums: FourierSums, images, meta: dict, groups, pixel_s
         bad = int(np.flatnonzero(to_numpy(finite) == 0)[0])
         raise ValueError(f"particle {first_index + bad} has NaN or Inf pixels")
     f = observed_rfft(xp.asarray(images, dtype=xp.float32), meta, pixel_size_A)
-    f = translate_rfft(f, np.asarray(meta["shift_A"]) / pixel_size_A)
+    shift_A = np.asarray(meta["shift_A"], np.float64)
+    f = translate_rfft(f, shift_A / image_pixel_sizes(meta, pixel_size_A, shift_A.shape[0])[:, None])
     scale = xp.asarray(meta["scale"] if "scale" in meta else np.ones(n), dtype=xp.float32)
     weight = xp.broadcast_to(scale.reshape(-1, 1, 1), (n, 1, 1))
     if use_ctf:

@@ -252,8 +252,9 @@ def pose_from_rotation(rotation) -> np.ndarray:
     return Rotation.from_matrix(np.asarray(rotation, np.float64).transpose(0, 2, 1)).as_rotvec()
 
 
-def _columns(table: np.ndarray, where: str, pixel_size_A: float) -> dict[str, np.ndarray]:
-    """Store columns from a .cs table (only those the table has; no half sets if no split)."""
+def _columns(table: np.ndarray, where: str, pixel_size_A) -> dict[str, np.ndarray]:
+    """Store columns from a .cs table (only those the table has; no half sets if no split);
+    ``pixel_size_A`` (a number or one per particle) converts shifts without their own."""
     n = len(table)
     meta: dict[str, np.ndarray] = {}
     for column, (field, default) in CTF_FIELDS.items():
@@ -306,17 +307,19 @@ def _pixel_sizes(table, where) -> np.ndarray | None:
     return _finite(table, "blob/psize_A", where, expected="a pixel size (Å)", positive=True)
 
 
-def _pixel_size_A(table, where, override) -> float:
+def _pixel_sizes_A(table, where, override):
+    """``(reference, per_particle)``: the store's pixel size (``override``, else the first
+    particle's ``blob/psize_A``) and each particle's (None when all are the reference's), as
+    :func:`.star.import_star` reads optics groups at different pixel sizes."""
     if override:
-        return float(override)
+        return float(override), None
     values = _pixel_sizes(table, where)
     if values is None:
         raise InputError(f"{where}: field blob/psize_A", "required field is missing (or give "
                          "--pixel-size-A)")
     if np.ptp(values) > 1e-4 * values.max():
-        raise InputError(f"{where}: field blob/psize_A", f"particles have different pixel sizes "
-                         f"({values.min():g}–{values.max():g} Å); expected one")
-    return float(values[0])
+        return float(values[0]), values.astype(np.float64)
+    return float(values[0]), None
 
 
 def image_refs(table, where) -> tuple[np.ndarray, list[str]]:
@@ -366,8 +369,10 @@ def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
     cs_path = Path(cs_path)
     where = str(cs_path)
     table = read_cs(cs_path)
-    angpix = _pixel_size_A(table, where, pixel_size_A)
-    meta = _columns(table, where, angpix)
+    angpix, image_px = _pixel_sizes_A(table, where, pixel_size_A)
+    meta = _columns(table, where, angpix if image_px is None else image_px)
+    if image_px is not None:  # particles at different pixel sizes (docs/design.md §2)
+        meta["image_pixel_size_A"] = image_px
     image_index, image_files = image_refs(table, where)
     resolved = resolve_stacks(image_files, cs_path, images_root, field="blob/path")
     box = stack_box_size(resolved[image_files[0]])
@@ -479,7 +484,8 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     derived = {} if raw is None else _columns(raw, f"{store.path} ({CS_GROUP}/)", px)
     if raw is not None and "blob/psize_A" in raw_names:
         derived["pixel_size_A"] = _pixel_sizes(raw, str(store.path))
-    current["pixel_size_A"] = np.full(n, px)
+    current["pixel_size_A"] = (store.read_column("image_pixel_size_A")
+                               if store.has_column("image_pixel_size_A") else np.full(n, px))
     fields: dict[str, np.ndarray] = {}
     types: dict[str, tuple] = {}  # new fields, or fields whose dtype had to change
 
@@ -544,8 +550,8 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
         shift_A = np.asarray(poses.get("shift_A", np.zeros((n, 2))), np.float64)
         current["shift_A"] = shift_A
         same = unchanged("shift_A")
-        emit("alignments3D/shift", shift_A / px, np.float32, same)
-        emit("alignments3D/psize_A", np.full(n, px), np.float32, same)
+        emit("alignments3D/shift", shift_A / current["pixel_size_A"][:, None], np.float32, same)
+        emit("alignments3D/psize_A", current["pixel_size_A"], np.float32, same)
         if "scale" in poses:
             emit("alignments3D/alpha", poses["scale"], np.float32, unchanged("scale"))
         class_id = np.asarray(poses.get("class_id", np.zeros(n)), np.int64)

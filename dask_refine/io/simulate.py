@@ -46,7 +46,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..core.aberrations import magnified_rotations, model_aberrations, modulate
+from ..core.aberrations import (
+    image_pixel_sizes,
+    magnified_rotations,
+    model_aberrations,
+    modulate,
+)
 from ..core.backprojection import particle_ctfs
 from ..core.fourier import centred_irfftn, rfft_multiplicity, rfft_radius, translate_rfft
 from ..core.projection import DEFAULT_PAD, extract_central_slices_rfft, prepare_reference_rfft
@@ -98,8 +103,14 @@ class SimulationConfig:
     beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
     mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)  # M00, M01, M10, M11
     defocus_error_A: float = 0.0
+    # further optics groups (2, 3, …) imaged at these pixel sizes (Å), the particles dealt
+    # to groups 1, 2, … in turn; group 1 is at the map's pixel size, the store's
+    other_group_pixel_sizes_A: tuple[float, ...] = ()
 
     def __post_init__(self):
+        if not all(math.isfinite(p) and p > 0 for p in self.other_group_pixel_sizes_A):
+            raise InputError("other_group_pixel_sizes_A", "expected positive pixel sizes (Å), "
+                             f"not {self.other_group_pixel_sizes_A!r}")
         if not self.defocus_error_A >= 0.0:
             raise InputError("defocus_error_A", f"must be ≥ 0 Å, not {self.defocus_error_A}")
         if len(self.beam_tilt_mrad) != 2 or not all(map(math.isfinite, self.beam_tilt_mrad)):
@@ -187,6 +198,11 @@ def simulate_metadata(config: SimulationConfig, box_size: int, pixel_size_A: flo
         "optics_group": np.ones(n, dtype=np.int32),
         "half_set": assign_half_sets(n, config.seed),
     }
+    if config.other_group_pixel_sizes_A:
+        sizes = np.array([pixel_size_A, *config.other_group_pixel_sizes_A], np.float64)
+        group = np.arange(n) % sizes.size
+        meta["optics_group"] = (group + 1).astype(np.int32)
+        meta["image_pixel_size_A"] = sizes[group]
     if any(config.beam_tilt_mrad):
         meta["beam_tilt_mrad"] = np.tile(np.asarray(config.beam_tilt_mrad, np.float64), (n, 1))
     if tuple(config.mag_matrix) != (1.0, 0.0, 0.0, 1.0):
@@ -282,7 +298,7 @@ def render_particles(reference_rfft, meta: dict, truth: dict, rows, box_size: in
     see the module's model). ``envelope_bfactor_A2 > 0`` multiplies the signal by
     :func:`envelope_rfft`."""
     optics = {k: v[rows] for k, v in meta.items() if k in CTF_COLUMNS + OPTICS_COLUMNS}
-    optics.update(model_aberrations(optics))
+    optics.update(model_aberrations(optics, pixel_size_A))
     rot = magnified_rotations(truth["rotation"][rows], optics)
     slices = extract_central_slices_rfft(reference_rfft, rot, box_size)
     weight = truth["scale"][rows].reshape(-1, 1, 1)
@@ -291,7 +307,9 @@ def render_particles(reference_rfft, meta: dict, truth: dict, rows, box_size: in
     if envelope_bfactor_A2 > 0:
         weight = weight * envelope_rfft(box_size, pixel_size_A, envelope_bfactor_A2)
     f = modulate(slices * weight.astype(np.float32), optics, pixel_size_A)
-    f = translate_rfft(f, -truth["shift_A"][rows] / pixel_size_A)
+    shift_A = truth["shift_A"][rows]
+    f = translate_rfft(f, -shift_A / image_pixel_sizes(optics, pixel_size_A,
+                                                       shift_A.shape[0])[:, None])
     return centred_irfftn(f, 2, box_size).astype(np.float32)
 
 
@@ -360,8 +378,9 @@ def simulate_store(volume: np.ndarray, pixel_size_A: float, store_path,
         provenance["junk_blob_scale"] = blob_scale
     store = ParticleStore.create(
         store_path, n, box, pixel_size_A, config.chunk_size,
-        optics=[{"optics_group": 1, "voltage_kV": config.voltage_kV, "cs_mm": config.cs_mm,
-                 "amplitude_contrast": config.amplitude_contrast}],
+        optics=[{"optics_group": g + 1, "voltage_kV": config.voltage_kV, "cs_mm": config.cs_mm,
+                 "amplitude_contrast": config.amplitude_contrast}
+                for g in range(1 + len(config.other_group_pixel_sizes_A))],
         provenance=provenance, storage_options=storage_options,
     )
     filed = dict(meta)

@@ -165,24 +165,37 @@ def _optics_index(particles, optics, where) -> np.ndarray:
     return np.array([lookup[g] for g in mine], dtype=np.int64)
 
 
-def _pixel_size_A(particles, optics, where, optics_index, override) -> float:
+def _pixel_sizes_A(particles, optics, where, optics_index, override):
+    """``(reference, per_particle)``: the pixel size of the store (``override``, else the first
+    optics group's, as RELION's reference) and each particle's image pixel size (its optics
+    group's; None when all are the reference's). Optics groups may differ in pixel size, not
+    in image size."""
+    if optics is not None and "rlnImageSize" in optics.columns:
+        sizes = _numeric(optics, "rlnImageSize", f"{where} (data_optics)")[np.unique(optics_index)]
+        if np.ptp(sizes) > 0:
+            raise InputError(f"{where} (data_optics): field rlnImageSize",
+                             f"optics groups have different image sizes ({sizes.min():g} and "
+                             f"{sizes.max():g} px); expected one box (re-extract or rescale the "
+                             "particles to one box, as RELION's relion_image_handler --new_box)")
     if override:
-        return float(override)
+        return float(override), None
     for table, name in ((particles, where), (optics, f"{where} (data_optics)")):
         if table is None:
             continue
         for label in ("rlnImagePixelSize", "rlnPixelSize"):
             if label in table.columns:
                 values = _numeric(table, label, name)
+                reference = float(values[0])
                 values = values[optics_index] if table is optics else values
                 if np.ptp(values) > 1e-4 * values.max():
-                    raise InputError(f"{name}: field {label}", "particles have different pixel "
-                                     f"sizes ({values.min():g}–{values.max():g} Å); expected one")
-                return float(values[0])
+                    return reference, values.astype(np.float64)
+                return reference, None
     if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles.columns):  # RELION 3.0
-        d = _numeric(particles, "rlnDetectorPixelSize", where)
-        m = _numeric(particles, "rlnMagnification", where)
-        return float(1e4 * d[0] / m[0])
+        values = (1e4 * _numeric(particles, "rlnDetectorPixelSize", where)
+                  / _numeric(particles, "rlnMagnification", where))
+        if np.ptp(values) > 1e-4 * values.max():
+            return float(values[0]), values.astype(np.float64)
+        return float(values[0]), None
     raise InputError(where, "no pixel size (rlnImagePixelSize in data_optics, or "
                      "rlnDetectorPixelSize and rlnMagnification); give --pixel-size-A")
 
@@ -225,14 +238,17 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
         if not np.isin(subset, (1, 2)).all():
             raise InputError(f"{where}: field rlnRandomSubset", "expected 1 or 2")
         meta["half_set"] = (subset - 1).astype(np.int8)
-    angpix = _pixel_size_A(particles, optics, where, oidx, pixel_size_A)
+    angpix, image_px = _pixel_sizes_A(particles, optics, where, oidx, pixel_size_A)
+    if image_px is not None:  # optics groups at different pixel sizes (docs/design.md §2)
+        meta["image_pixel_size_A"] = image_px
     if all(a in particles.columns for a in ANGLES):
         angles = [_numeric(particles, a, where) for a in ANGLES]
         meta["rotation"] = euler_to_matrix(*angles)
         if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
             shift = [_numeric(particles, f"rlnOrigin{c}Angst", where) for c in "XY"]
         elif {"rlnOriginX", "rlnOriginY"} <= set(particles.columns):
-            shift = [_numeric(particles, f"rlnOrigin{c}", where) * angpix for c in "XY"]
+            shift = [_numeric(particles, f"rlnOrigin{c}", where)
+                     * (angpix if image_px is None else image_px) for c in "XY"]
         else:
             shift = [np.zeros(n), np.zeros(n)]
         meta["shift_A"] = np.stack(shift, axis=1)
@@ -308,8 +324,9 @@ POSTERIOR_FIELDS = {"log_likelihood": ("rlnLogLikeliContribution", np.float64),
 
 
 def _optics_aberrations(store: ParticleStore, members: np.ndarray) -> dict:
-    """An optics group's beam tilt, Zernike and magnification fields (its first particle's
-    values) for a written optics table; empty when the store has none."""
+    """An optics group's beam tilt, Zernike, magnification and (where the groups differ)
+    pixel size fields (its first particle's values) for a written optics table; empty when the
+    store has none."""
     first = int(np.flatnonzero(members)[0])
     extra = store.metadata(OPTICS_COLUMNS, rows=slice(first, first + 1))
     fields = {}
@@ -322,6 +339,8 @@ def _optics_aberrations(store: ParticleStore, members: np.ndarray) -> dict:
         fields.update(zip(MAG_MATRIX_FIELDS, map(float, extra["mag_matrix"][0].ravel())))
     if "ctf_phase_flipped" in extra:
         fields["rlnCtfDataArePhaseFlipped"] = int(extra["ctf_phase_flipped"][0])
+    if "image_pixel_size_A" in extra:
+        fields["rlnImagePixelSize"] = float(extra["image_pixel_size_A"][0])
     return fields
 
 

@@ -7,7 +7,8 @@ Layout (docs/design.md §4)::
       defocus_u_A, defocus_v_A, defocus_angle_deg, phase_shift_deg, bfactor_A2,
       voltage_kV, cs_mm, amplitude_contrast       (N,) float64   CTF, per particle
       optics_group (N,) int32, half_set (N,) int8  (0 = half A, 1 = half B; fixed at import)
-      beam_tilt_mrad (N, 2), odd_zernike (N, C), even_zernike (N, C), mag_matrix (N, 2, 2)
+      beam_tilt_mrad (N, 2), odd_zernike (N, C), even_zernike (N, C), mag_matrix (N, 2, 2),
+      image_pixel_size_A (N,)
                         optional optics beyond the CTF fit (RELION's optics group fields)
       rotation (N, 3, 3), shift_A (N, 2), scale (N,), class_id (N,)   poses, when known
       ground_truth/     the simulator's truth (rotation, shift_A, scale, …), never read by jobs
@@ -63,16 +64,19 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "beam_tilt_mrad": ("float64", (2,)),
     "mag_matrix": ("float64", (2, 2)),
     "ctf_phase_flipped": ("int8", ()),
+    "image_pixel_size_A": ("float64", ()),
 }
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
 REQUIRED_COLUMNS = CTF_COLUMNS + ("half_set",)
 #: Optional optics beyond the CTF fit (RELION's optics group fields, per particle as imported):
 #: beam tilt (τx, τy) in mrad, odd and even Zernike coefficients ``(N, C)`` in RELION's order,
-#: the 2×2 magnification matrix (see :mod:`dask_refine.core.aberrations`), and whether the
-#: images were phase-flipped (RELION's ``rlnCtfDataArePhaseFlipped``: the model's CTF is |CTF|).
+#: the 2×2 magnification matrix (see :mod:`dask_refine.core.aberrations`), whether the
+#: images were phase-flipped (RELION's ``rlnCtfDataArePhaseFlipped``: the model's CTF is |CTF|),
+#: and the image pixel size of each particle's optics group where the groups differ (the
+#: store's ``pixel_size_A`` is then the first group's, the reference's, as in RELION).
 OPTICS_COLUMNS = ("beam_tilt_mrad", "odd_zernike", "even_zernike", "mag_matrix",
-                  "ctf_phase_flipped")
+                  "ctf_phase_flipped", "image_pixel_size_A")
 GROUND_TRUTH = "ground_truth"
 POSE_COLUMNS = ("rotation", "shift_A", "scale", "class_id")  # what a job refines and exports
 STAR_GROUP = "star"
@@ -311,10 +315,12 @@ class ParticleStore:
 
     def optics_metadata(self, rows=slice(None)) -> dict[str, np.ndarray]:
         """The CTF columns and the image model's aberrations (``odd_zernike`` with the beam
-        tilt folded in as RELION does, ``even_zernike``, ``mag_matrix``; each only when the
-        store has it and it is not the identity) for the particles ``rows``."""
+        tilt folded in as RELION does, ``even_zernike``, ``mag_matrix`` with the optics
+        groups' pixel sizes folded in; each only when the store has it and it is not the
+        identity) for the particles ``rows``."""
         meta = self.metadata(CTF_COLUMNS, rows)
-        meta.update(model_aberrations({**meta, **self.metadata(OPTICS_COLUMNS, rows)}))
+        meta.update(model_aberrations({**meta, **self.metadata(OPTICS_COLUMNS, rows)},
+                                      self.info.pixel_size_A))
         return meta
 
     def poses(self, overrides: dict | None = None) -> dict[str, np.ndarray]:

@@ -87,14 +87,15 @@ def refined_columns(meta: dict, defocus_offset_A=None, beam_tilt_mrad=None, tref
     return cols
 
 
-def image_model(meta: dict, **refined) -> dict:
+def image_model(meta: dict, pixel_size_A: float | None = None, **refined) -> dict:
     """The E-step's per-particle image model: CTF columns (refined defocus) and the model's
     aberrations (odd coefficients with the refined tilt and trefoil, even ones with their
-    refinement, the refined magnification), with ``optics_group`` as a 0-based index.
+    refinement, the refined magnification, the optics groups' pixel sizes against the
+    reference's ``pixel_size_A``), with ``optics_group`` as a 0-based index.
     ``refined``: a run's values by their :data:`CTF_STATE` names."""
     cols = refined_columns(meta, **refined)
     model = {k: cols[k] for k in CTF_COLUMNS}
-    model.update(model_aberrations(cols))
+    model.update(model_aberrations(cols, pixel_size_A))
     model["optics_group"] = group_index(meta)
     return model
 

@@ -360,7 +360,7 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     power = shell_mean((np.abs(centred_rfftn(images, 2)) ** 2).mean(axis=0), box, 2)
     # the first noise model from the images' background (coloured noise is not signal)
     noise_power = background_noise_power(images, radius_px, soft_edge_px=max(3.0, 0.05 * box))
-    ctf2 = (particle_ctfs({k: v[rows] for k, v in image_model(meta).items()}, box, px)
+    ctf2 = (particle_ctfs({k: v[rows] for k, v in image_model(meta, px).items()}, box, px)
             ** 2).mean(axis=0) if config.use_ctf else np.ones((box, box // 2 + 1))
     lowpass_shell = box * px / config.initial_lowpass_A
     references, noise = [], []
@@ -577,7 +577,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     # released, and the scheduler can lose it ("lost dependencies").
     if client is not None:
         settings = client.scatter(settings, broadcast=True, hash=False)
-    step_meta = (image_model(meta, **{name: getattr(state, name) for name in CTF_STATE})
+    step_meta = (image_model(meta, px, **{name: getattr(state, name) for name in CTF_STATE})
                  if config.use_ctf else {})
     step_meta["scale"] = state.scale
     step_meta["origin_px"] = state.origin_px
@@ -907,7 +907,10 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         **{name: [r.get(name, math.nan) for r in rows] for name in ITERATION_STATISTICS},
         **per_class,
     })
-    poses = {"rotation": state.rotation, "shift_A": state.origin_px * info.pixel_size_A,
+    # origins in Å at each particle's own pixel size (its optics group's)
+    image_px = (store.read_column("image_pixel_size_A") if store.has_column("image_pixel_size_A")
+                else np.full(info.n_particles, info.pixel_size_A))
+    poses = {"rotation": state.rotation, "shift_A": state.origin_px * image_px[:, None],
              "scale": state.scale}
     with np.load(last / "poses.npz") as arrays:
         poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})
