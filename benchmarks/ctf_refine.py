@@ -13,9 +13,12 @@ CTF refinement can at best give back) and the *oracle* defocus and tilt (fitted 
 true map at the true poses: what the data allow, :func:`ctf_oracle`). RELION's ``relion_ctf_refine`` (``--fit_defocus
 --bf_only --bf_range R`` per particle, and ``--fit_beamtilt``) gets our uncorrected run's
 particles, half maps and a ``relion_postprocess`` FSC; its RMS defocus error and beam tilt are
-read from its output STAR.
+read from its output STAR. ``--mag-matrix`` also images the particles under an (anisotropic)
+magnification filed as the identity: the table then gives each run's refined matrix, and
+RELION's runs ``--fit_aniso`` too.
 
     python benchmarks/ctf_refine.py                      # 2,000 particles, SNR 0.1
+    python benchmarks/ctf_refine.py --mag-matrix 1.01 0 0 0.99   # and a 2% anisotropy
     python benchmarks/ctf_refine.py --n 300 --max-iterations 2 --skip-relion   # quick check
 """
 
@@ -46,8 +49,9 @@ def known_pose_map(store, px, path, ctf_from_truth: bool):
 
     meta = load_optics(store)
     if ctf_from_truth:
-        for name in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad"):
-            meta[name] = store.read_column(name, group=GROUND_TRUTH)
+        for name in ("defocus_u_A", "defocus_v_A", "beam_tilt_mrad", "mag_matrix"):
+            if store.has_column(name, group=GROUND_TRUTH):
+                meta[name] = store.read_column(name, group=GROUND_TRUTH)
     model = image_model(meta)
     for name in ("rotation", "shift_A", "scale"):
         model[name] = store.read_column(name, group=GROUND_TRUTH)
@@ -66,6 +70,7 @@ def ctf_oracle(store, truth, px, r_max: float, range_A: float) -> dict:
     """What the data allow: each particle's defocus fitted by the job's own search against the
     true map at its true pose and origin (true tilt applied), and the tilt fitted from all the
     particles' phase sums (true defocus), over ``|k| < r_max``."""
+    from dask_refine.core.aberrations import magnified_rotations
     from dask_refine.core.backprojection import observed_rfft, particle_ctfs
     from dask_refine.core.ctf_refine import fit_beam_tilt, phase_sums, refine_defocus
     from dask_refine.core.fourier import translate_rfft
@@ -77,14 +82,18 @@ def ctf_oracle(store, truth, px, r_max: float, range_A: float) -> dict:
     reference = prepare_reference_rfft(truth)
     meta = load_optics(store)
     gt = {k: store.read_column(k, group=GROUND_TRUTH) for k in
-          ("rotation", "shift_A", "scale", "defocus_u_A", "defocus_v_A", "beam_tilt_mrad")}
+          ("rotation", "shift_A", "scale", "defocus_u_A", "defocus_v_A", "beam_tilt_mrad",
+           "mag_matrix") if store.has_column(k, group=GROUND_TRUTH)}
     weight = np.full((box, box // 2 + 1), 1.0 / box ** 2)  # unit-variance pixel noise
     offsets, z = [], 0
     for start in range(0, store.info.n_particles, 100):
         rows = slice(start, start + 100)
         filed = {k: v[rows] for k, v in meta.items()}
-        slices = extract_central_slices_rfft(reference, gt["rotation"][rows], box)
+        if "mag_matrix" in gt:  # the true magnification, as the true tilt
+            filed["mag_matrix"] = gt["mag_matrix"][rows]
         model = image_model(dict(filed, beam_tilt_mrad=gt["beam_tilt_mrad"][rows]))
+        slices = extract_central_slices_rfft(
+            reference, magnified_rotations(gt["rotation"][rows], model), box)
         x = translate_rfft(observed_rfft(store.images[rows], model, px), gt["shift_A"][rows] / px)
         offsets.append(refine_defocus(x, slices, model, gt["scale"][rows], weight, px, r_max,
                                       range_A))
@@ -102,6 +111,14 @@ def ctf_oracle(store, truth, px, r_max: float, range_A: float) -> dict:
             "beam_tilt_mrad": tilt.tolist()}
 
 
+def mag_matrix(optics) -> list | None:
+    """The first optics group's magnification matrix ``[M00, M01, M10, M11]`` (None if none)."""
+    labels = ["rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"]
+    if not set(labels) <= set(optics.columns):
+        return None
+    return optics[labels].to_numpy(float)[0].tolist()
+
+
 def rms_defocus_error(defocus_u, defocus_v, store) -> float:
     from dask_refine.io.store import GROUND_TRUTH
 
@@ -111,7 +128,7 @@ def rms_defocus_error(defocus_u, defocus_v, store) -> float:
 
 
 def run_relion_ctf_refine(folder: Path, run: Path, px: float, box: int, range_A: float,
-                          threads: int = 2) -> dict:
+                          threads: int = 2, fit_aniso: bool = False) -> dict:
     """``relion_postprocess`` on the run's half maps, then ``relion_ctf_refine`` on its
     particles: per-particle brute-force defocus and the beam tilt. Returns the refined STAR's
     path and the wall time, or the error."""
@@ -140,7 +157,7 @@ def run_relion_ctf_refine(folder: Path, run: Path, px: float, box: int, range_A:
          "--m1", str(run / "half_A.mrc"), "--m2", str(run / "half_B.mrc"), "--mask", str(mask),
          "--o", str(folder / "out") + "/", "--fit_defocus", "--bf_only", "--bf_range",
          f"{range_A:g}", "--fit_beamtilt", "--kmin_tilt", "20", "--kmin_defocus", "30",
-         "--angpix_ref", f"{px}", "--j", str(threads)],
+         "--angpix_ref", f"{px}", "--j", str(threads)] + (["--fit_aniso"] if fit_aniso else []),
     ]
     for cmd in steps:
         program = relion_program(cmd[0])
@@ -163,6 +180,10 @@ def main():
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--defocus-error-A", type=float, default=400.0)
     p.add_argument("--beam-tilt-mrad", type=float, nargs=2, default=(3.0, -2.0))
+    p.add_argument("--mag-matrix", type=float, nargs=4, default=(1.0, 0.0, 0.0, 1.0),
+                   metavar=("M00", "M01", "M10", "M11"),
+                   help="image the particles under this magnification matrix, filed as the "
+                   "identity (RELION then also runs --fit_aniso)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-iterations", type=int, default=10)
     p.add_argument("--first-level-candidates", type=int, default=2048,
@@ -180,16 +201,22 @@ def main():
 
     truth, px = read_map(args.map)
     box = truth.shape[0]
-    name = f"box{box}_n{args.n}_snr{args.snr:g}_df{args.defocus_error_A:g}"
+    name = (f"box{box}_n{args.n}_snr{args.snr:g}_df{args.defocus_error_A:g}"
+             + ("" if tuple(args.mag_matrix) == (1.0, 0.0, 0.0, 1.0) else "_mag"))
     work = Path(args.work) / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     store = simulate_store(truth, px, work / "particles.zarr", SimulationConfig(
         n_particles=args.n, snr=args.snr, chunk_size=250, shift_sigma_A=2.0, seed=args.seed,
-        defocus_error_A=args.defocus_error_A, beam_tilt_mrad=tuple(args.beam_tilt_mrad)))
-    # the tilt is unknown to the user: filed as none, the truth kept aside
-    store.write_column("beam_tilt_mrad", store.read_column("beam_tilt_mrad"), group=GROUND_TRUTH)
+        defocus_error_A=args.defocus_error_A, beam_tilt_mrad=tuple(args.beam_tilt_mrad),
+        mag_matrix=tuple(args.mag_matrix)))
+    # the tilt (and magnification) are unknown to the user: filed as none, the truth aside
+    unknown = ["beam_tilt_mrad"] + (["mag_matrix"] if store.has_column("mag_matrix") else [])
+    for name in unknown:
+        store.write_column(name, store.read_column(name), group=GROUND_TRUTH)
     store.write_column("beam_tilt_mrad", np.zeros((args.n, 2)))
+    if "mag_matrix" in unknown:
+        store.write_column("mag_matrix", np.tile(np.eye(2), (args.n, 1, 1)))
     initial = work / "initial.mrc"
     write_map(initial, truth, px)
     rows = {}
@@ -225,10 +252,12 @@ def main():
                                                      particles["rlnDefocusV"], store),
             "beam_tilt_mrad": (optics[["rlnBeamTiltX", "rlnBeamTiltY"]].to_numpy(float)[0]
                                .tolist() if "rlnBeamTiltX" in optics else [0.0, 0.0]),
+            "mag_matrix": mag_matrix(optics),
             "iterations": summary["iterations"], "wall_s": summary["wall_s"]}
     if not args.skip_relion:
         rel = run_relion_ctf_refine(work / "relion_ctf_refine", work / "plain", px, box,
-                                    5 * args.defocus_error_A)
+                                    5 * args.defocus_error_A,
+                                    fit_aniso="mag_matrix" in unknown)
         if "error" in rel:
             rows["relion_ctf_refine"] = rel
         else:
@@ -238,18 +267,18 @@ def main():
                                                          particles["rlnDefocusV"], store),
                 "beam_tilt_mrad": (optics[["rlnBeamTiltX", "rlnBeamTiltY"]].to_numpy(float)[0]
                                    .tolist() if "rlnBeamTiltX" in optics else None),
-                "wall_s": rel["wall_s"]}
+                "mag_matrix": mag_matrix(optics), "wall_s": rel["wall_s"]}
     result = {"map": args.map, "n": args.n, "snr": args.snr,
               "defocus_error_A": args.defocus_error_A, "beam_tilt_mrad": args.beam_tilt_mrad,
-              "rows": rows}
+              "mag_matrix": args.mag_matrix, "rows": rows}
     out = HERE / "results" / f"ctf_refine_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.n} particles, SNR {args.snr:g}, defocus filed with {args.defocus_error_A:g} Å "
           f"RMS error, beam tilt {tuple(args.beam_tilt_mrad)} mrad filed as none\n")
     print(f"| {'run':<50} | gold-std | FSC-truth 0.5 | median pose err | RMS defocus err "
-          "| beam tilt (mrad) | wall |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| beam tilt (mrad) | magnification | wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def cell(row, key, fmt):
         return fmt.format(row[key]) if row.get(key) is not None else "—"
@@ -261,6 +290,7 @@ def main():
               f"| {cell(row, 'median_angular_error_deg', '{:.2f}°')} "
               f"| {cell(row, 'rms_defocus_error_A', '{:.0f} Å')} "
               f"| {'—' if tilt is None else f'({tilt[0]:.2f}, {tilt[1]:.2f})'} "
+              f"| {'—' if not row.get('mag_matrix') else '(' + ', '.join(f'{v:.4f}' for v in row['mag_matrix']) + ')'} "
               f"| {cell(row, 'wall_s', '{:.0f} s')} |")
     print(f"\nJSON: {out}")
 

@@ -129,11 +129,21 @@ def mask_corrected_fsc(half_a, half_b, mask, randomize_below_fsc: float = 0.8,
     rand_a = randomize_phases_beyond(half_a, randomize_at_shell, rng)
     rand_b = randomize_phases_beyond(half_b, randomize_at_shell, rng)
     randomized_masked = fsc(rand_a * mask, rand_b * mask)
-    induced = randomized_masked - fsc(rand_a, rand_b)
-    corrected = masked.copy()
-    beyond = np.arange(masked.size) >= randomize_at_shell + 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        corrected[beyond] = ((masked[beyond] - induced[beyond])
-                             / np.maximum(1.0 - induced[beyond], 1e-6))
+    corrected = noise_substituted_fsc(masked, randomized_masked, fsc(rand_a, rand_b),
+                                      randomize_at_shell)
     return {"unmasked": unmasked, "masked": masked, "randomized_masked": randomized_masked,
             "corrected": corrected, "randomize_at_shell": int(randomize_at_shell)}
+
+
+def noise_substituted_fsc(masked, randomized_masked, randomized_unmasked,
+                          randomize_at_shell: int) -> np.ndarray:
+    """The masked FSC corrected for the mask's own correlation (:func:`mask_corrected_fsc`):
+    ``(masked − induced) / (1 − induced)`` from two shells past ``randomize_at_shell`` on, with
+    ``induced = randomized_masked − randomized_unmasked``; ``masked`` below."""
+    induced = np.asarray(randomized_masked) - np.asarray(randomized_unmasked)
+    corrected = np.array(masked, dtype=np.float64)
+    beyond = np.arange(corrected.size) >= randomize_at_shell + 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corrected[beyond] = ((corrected[beyond] - induced[beyond])
+                             / np.maximum(1.0 - induced[beyond], 1e-6))
+    return corrected

@@ -8,14 +8,17 @@ from .backend import array_module, to_numpy
 
 
 def soft_sphere_mask(box_size: int, radius_px: float, soft_edge_px: float = 5.0, ndim: int = 3,
-                     xp=np):
+                     xp=np, centre_px=None):
     """1 inside ``radius_px``, raised-cosine fall-off to 0 over ``soft_edge_px`` pixels (float64).
 
     As RELION's ``softMaskOutsideMap``: ``0.5 + 0.5·cos(π (r − radius) / soft_edge)`` on the edge.
+    ``centre_px``: the sphere's centre as offsets from the box centre, in array-axis order
+    (``(z, y, x)``; default the box centre), as RELION's ``raisedCosineMask``.
     """
     c = xp.arange(box_size) - box_size // 2
     grids = xp.meshgrid(*([c] * ndim), indexing="ij")
-    r = xp.sqrt(sum(g.astype(xp.float64) ** 2 for g in grids))
+    offsets = (0.0,) * ndim if centre_px is None else tuple(float(v) for v in centre_px)
+    r = xp.sqrt(sum((g.astype(xp.float64) - o) ** 2 for g, o in zip(grids, offsets)))
     edge = xp.clip((r - radius_px) / max(soft_edge_px, 1e-12), 0.0, 1.0)
     return 0.5 + 0.5 * xp.cos(np.pi * edge)
 
