@@ -87,6 +87,13 @@ def test_event_is_plain_data_and_the_page_shows_the_latest_run(rng):
     assert "iteration 2 of at most 5" in dashboard.header_html(run)
     empty = dashboard.source_data([])
     assert empty["fsc"]["xs"] == [] and "waiting" in dashboard.header_html([])
+    # a finished job's results update its last iteration (its plots stay)
+    final = {"sharpening_bfactor_A2": -80.0,
+             "local_resolution_A": {"median": 4.2, "p5": 4.0, "p95": 5.0}}
+    done = dashboard.latest_run(events + [(4.0, {"run": "new", "iteration": 2, "final": final})])
+    assert [p["iteration"] for p in done] == [1, 2] and done[-1]["classes"] == run[-1]["classes"]
+    header = dashboard.header_html(done)
+    assert "sharpened by -80 Å²" in header and "local resolution 4.20 Å" in header
 
 
 def _get(url: str) -> str:
@@ -245,3 +252,5 @@ def test_reconstruction_publishes_its_result(demo_map, tmp_path):
     assert entry["resolution_A"] == pytest.approx(summary["resolution_A"])
     assert np.asarray(entry["slices_half_A"][0]).shape == (32, 32)
     assert np.asarray(run[0]["orientations"]["counts"]).sum() == summary["n_particles"]
+    assert run[0]["final"]["sharpening_bfactor_A2"] == summary["sharpening_bfactor_A2"]
+    assert run[0]["final"]["local_resolution_A"] == summary["local_resolution_A"]

@@ -88,9 +88,10 @@ def test_non_uniform_refinement_writes_nu_map_and_local_resolution(tmp_path, dem
                                       non_uniform=True, first_level_candidates=256),  # SNR 1
                          log=lambda m: None)
     assert summary["iterations"] == 2
-    local, px = read_map(tmp_path / "nu" / "local_resolution.mrc")
+    local, px = read_map(tmp_path / "nu" / "nu_cutoff_resolution.mrc")
     assert local.min() >= 2 * px - 1e-3 and local.max() <= 30.0 + 1e-3
     assert (tmp_path / "nu" / "map_nu.mrc").exists()
+    assert (tmp_path / "nu" / "local_resolution.mrc").exists()  # the half maps' local FSC
 
 
 # ~80 s on 2 cores; the NU kernel test and the NU job-output test run by default

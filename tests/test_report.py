@@ -15,7 +15,7 @@ from dask_refine.ui.cli import main
 from dask_refine.ui.report import write_report
 from test_figures import check_png
 
-FIGURES = ("fsc.png", "guinier.png", "orientations.png", "slices.png")
+FIGURES = ("fsc.png", "guinier.png", "orientations.png", "slices.png", "local_resolution.png")
 
 
 class _Page(HTMLParser):
@@ -74,7 +74,7 @@ def test_report_of_a_heterogeneous_refinement_folder(tmp_path):
     page = _parse(job / "report.html")
     assert _embedded(page, job / "fsc.png")
     assert all(_embedded(page, job / "class_001" / name) for name in FIGURES)
-    assert len(page.images) == 5
+    assert len(page.images) == len(FIGURES) + 1
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
     for text in ("hetero-refine", "run <1> & co", "3.21 Å", "-85 Å²", "7 (converged)", "12,345",
                  "12 min 34 s", "Class 1", "Class 2", "no maps (empty class)", "4.25", "p<x>.zarr"):
@@ -116,3 +116,9 @@ def test_report_of_a_real_reconstruction(tmp_path, demo_map, capsys):
     assert f"{summary['resolution_A']:.2f} Å" in page.text
     assert f"{summary['bfactor_A2']:.0f} Å²" in page.text
     assert "300" in page.text and "map.mrc" in page.links
+    # the sharpened map (by the fitted B-factor) and the local resolution, linked and summarised
+    assert summary["sharpening_bfactor_A2"] == summary["bfactor_A2"]
+    assert "map_sharp.mrc" in page.links and "local_resolution.mrc" in page.links
+    local = summary["local_resolution_A"]
+    assert 2 * px <= local["p5"] <= local["median"] <= local["p95"] <= 50.0
+    assert f"{local['median']:.2f} Å" in page.text

@@ -442,3 +442,32 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
     starfile.write({"optics": optics, "particles": particles}, tmp, float_format=FLOAT_FORMAT)
     os.replace(tmp, star_path)
     return star_path
+
+
+#: RELION's MTF file columns (the ``mtf_*.star`` files shipped for each detector).
+MTF_FIELDS = ("rlnResolutionInversePixel", "rlnMtfValue")
+
+
+def read_mtf(path) -> tuple[np.ndarray, np.ndarray]:
+    """A detector MTF in RELION's STAR format: ``(frequency in 1/pixel, MTF value)``, ascending
+    frequencies, positive values (errors name the file and field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file (expected a RELION MTF STAR file)")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # the parser raises many types on malformed text
+        raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
+    tables = [t for t in blocks.values() if isinstance(t, pd.DataFrame)
+              and set(MTF_FIELDS) <= set(t.columns)]
+    if not tables:
+        raise InputError(path, f"no table with {' and '.join(MTF_FIELDS)} (expected RELION's "
+                         "MTF STAR format)")
+    frequency, value = (_numeric(tables[0], label, str(path)) for label in MTF_FIELDS)
+    if np.any(np.diff(frequency) <= 0):
+        raise InputError(f"{path}: field {MTF_FIELDS[0]}", "expected ascending frequencies")
+    if np.any(value <= 1e-10):
+        row = int(np.flatnonzero(value <= 1e-10)[0]) + 1
+        raise InputError(f"{path}: field {MTF_FIELDS[1]}", f"row {row} has {value[row - 1]:g}; "
+                         "expected a positive MTF value")
+    return frequency, value

@@ -64,6 +64,13 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def final_results(summary: dict) -> dict:
+    """What the page shows of a finished job: the sharpening B-factor and the local resolution
+    (median, 5th and 95th percentiles) of its map (or of its best class)."""
+    keys = ("sharpening_bfactor_A2", "local_resolution_A")
+    return {k: summary[k] for k in keys if summary.get(k) is not None}
+
+
 def iteration_event(*, run: str, job: str, out_dir: str, iteration: int, max_iterations: int,
                     box_size: int, pixel_size_A: float, classes: list, rotation=None,
                     stats: dict | None = None) -> dict:

@@ -31,8 +31,9 @@ from ..parallel.cluster import ClusterConfig, dask_client
 from ..parallel.events import publish
 from ..parallel.mapreduce import backproject_graph
 from .checkpoint import output_dir
-from .progress import iteration_event, new_run_id
+from .progress import final_results, iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
+from .postprocess import PostprocessOptions, write_postprocessed
 
 HALF_NAMES = ("A", "B")
 
@@ -57,6 +58,7 @@ class ReconstructConfig:
     split_every: int = 4
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
+    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     classes: str | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -166,14 +168,20 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
     for name, vol in zip(HALF_NAMES, halves):
         write_map(out / f"half_{name}.mrc", vol, px)
     write_map(out / "map.mrc", full, px)
-    report = write_fsc_report(out, halves, final_mask(config.masks, full, px, out, mask), px)
+    job_mask = final_mask(config.masks, full, px, out, mask)
+    report = write_fsc_report(out, halves, job_mask, px)
     figures = write_job_figures(out, halves, full, report["curves"]["corrected"],
                                 report["resolution_A"], px, rotation, weights, config.symmetry)
+    solvent = job_mask if (config.masks.mask_path or config.masks.auto_mask) else None
+    post = write_postprocessed(out, halves, report["curves"]["corrected"], solvent, px,
+                               config.postprocess)
+    figures["outputs"].update(post.pop("outputs"))
     view = {"halves": halves, "fsc": report["curves"]["corrected"],
             "resolution_A": report["resolution_A"]}
     return {
         "resolution_A": report["resolution_A"],
         "bfactor_A2": figures["bfactor_A2"],
+        **post,
         "resolution_fsc05_A": report["resolution_fsc05_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
         "mask": ("user" if config.masks.mask_path else "auto" if config.masks.auto_mask
@@ -263,4 +271,5 @@ def _reconstruct(config: ReconstructConfig, client, log, outputs) -> tuple[dict,
         run=new_run_id("reconstruct"), job="reconstruct", out_dir=outputs.location,
         iteration=1, max_iterations=1, box_size=info.box_size, pixel_size_A=info.pixel_size_A,
         classes=views, rotation=meta["rotation"])
+    event["final"] = final_results(summary)
     return summary, event

@@ -58,8 +58,9 @@ from .ctf_refinement import (
     refine_from_evidence,
     refined_columns,
 )
-from .progress import iteration_event, new_run_id
+from .progress import final_results, iteration_event, new_run_id
 from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
+from .postprocess import PostprocessOptions, write_postprocessed
 from .reconstruct import check_symmetry
 from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
                          completed_iterations, fetch_checkpoint, iteration_dir, output_dir,
@@ -159,7 +160,10 @@ class RefineConfig:
     Non-Uniform Refinement (``non_uniform``): each iteration's references are also filtered
     locally, per voxel, to the cutoff that best predicts the other half map
     (:mod:`..core.nonuniform`); the final outputs add ``map_nu.mrc`` and
-    ``local_resolution.mrc``.
+    ``nu_cutoff_resolution.mrc`` (each voxel's chosen filter cutoff).
+
+    Every run also writes the sharpened map and the local resolution of its final half maps
+    (``postprocess``, :mod:`.postprocess`).
     """
 
     store: str
@@ -206,6 +210,7 @@ class RefineConfig:
     higher_order_aberrations_from_A: float = 4.0
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
+    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
     n_chains: int | None = None
@@ -810,6 +815,9 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
     summary = _write_final_outputs(config, store, outputs, state,
                                    time.perf_counter() - t_start)
     outputs.publish(last="summary.json", exclude=(ITERATIONS,))
+    if client is not None:  # the page of a cluster that outlives the job: the final results
+        publish(client, {"run": run_id, "iteration": state.iteration,
+                         "final": final_results(summary)})
     return summary
 
 
@@ -848,11 +856,16 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None,
                               max_shell=band)
     report.update(write_job_figures(where, halves, full, report["curves"]["corrected"],
                                     report["resolution_A"], px, rotation, None, config.symmetry))
+    solvent = mask if (config.masks.mask_path or config.masks.auto_mask) else None
+    post = write_postprocessed(where, halves, report["curves"]["corrected"], solvent, px,
+                               config.postprocess)
+    report["outputs"].update(post.pop("outputs"))
+    report.update(post)
     if config.non_uniform:
         choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, report["resolution_A"],
                                               mask=mask)
         write_map(where / "map_nu.mrc", apply_local_filter(full, choice, cutoffs, px), px)
-        write_map(where / "local_resolution.mrc", local_resolution_map(choice, cutoffs), px)
+        write_map(where / "nu_cutoff_resolution.mrc", local_resolution_map(choice, cutoffs), px)
     return report
 
 
@@ -933,6 +946,9 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         "resolution_A": report["resolution_A"],
         "resolution_unmasked_A": report["resolution_unmasked_A"],
         "bfactor_A2": report["bfactor_A2"],
+        "sharpening_bfactor_A2": report["sharpening_bfactor_A2"],
+        **({"local_resolution_A": report["local_resolution_A"]}
+           if "local_resolution_A" in report else {}),
         "resolution_last_iteration_A": state.resolution_A, "iterations": state.iteration,
         "converged": state.stale >= config.patience, "n_particles": info.n_particles,
         "box_size": info.box_size, "pixel_size_A": info.pixel_size_A, "time_s": elapsed,
@@ -950,6 +966,8 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
             k + 1: {"n_particles": int(sizes[k]),
                     "resolution_A": reports[k + 1]["resolution_A"] if k + 1 in reports else None,
                     "bfactor_A2": reports[k + 1]["bfactor_A2"] if k + 1 in reports else None,
+                    "local_resolution_A": (reports[k + 1].get("local_resolution_A")
+                                           if k + 1 in reports else None),
                     "map": str(out / f"class_{k + 1:03d}" / "map.mrc")}
             for k in range(k_total)}
     summary = outputs.names(summary)

@@ -74,10 +74,35 @@ def _mask_args(p: argparse.ArgumentParser) -> None:
                    "extend 3 px, 6 px soft edge) for a mask-corrected FSC")
 
 
+    g = p.add_argument_group("sharpening and local resolution (relion_postprocess)")
+    g.add_argument("--bfactor", type=float, metavar="Å²",
+                   help="sharpen map_sharp.mrc by this B-factor (negative sharpens; default: "
+                   "fitted to the Guinier plot from 10 Å on, as --auto_bfac)")
+    g.add_argument("--mtf", metavar="STAR", help="detector MTF (RELION's STAR format) to "
+                   "divide the sharpened map by")
+    g.add_argument("--mtf-pixel-size-A", type=float, metavar="Å",
+                   help="pixel size of the micrographs the MTF's 1/pixel frequencies refer to "
+                   "(default: the particles')")
+    g.add_argument("--no-local-resolution", action="store_true",
+                   help="skip local_resolution.mrc and map_locres_filtered.mrc")
+    g.add_argument("--local-resolution-sampling-A", type=float, default=25.0, metavar="Å",
+                   help="local resolution: windows this far apart, of half this radius "
+                   "(default: %(default)s Å, as RELION's --locres_sampling)")
+
+
 def _masks(args):
     from ..jobs.masking import MaskOptions
 
     return MaskOptions(mask_path=args.mask, auto_mask=args.auto_mask)
+
+
+def _postprocess(args):
+    from ..jobs.postprocess import PostprocessOptions
+
+    return PostprocessOptions(bfactor_A2=args.bfactor, mtf_path=args.mtf,
+                              mtf_pixel_size_A=args.mtf_pixel_size_A,
+                              local_resolution=not args.no_local_resolution,
+                              local_resolution_sampling_A=args.local_resolution_sampling_A)
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -280,6 +305,7 @@ def cmd_reconstruct(args) -> int:
     config = ReconstructConfig(store=args.store, out_dir=args.out, use_ctf=not args.no_ctf,
                                mask_diameter_A=args.mask_diameter_A, chunk_size=args.chunk_size,
                                symmetry=args.symmetry, masks=_masks(args),
+                               postprocess=_postprocess(args),
                                classes=args.classes, cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_reconstruct(
         config, client=client, log=lambda m: print(m, file=sys.stderr)))
@@ -328,6 +354,7 @@ def cmd_refine(args) -> int:
         per_group_ctf=args.per_group_ctf, ctf_refine_from_A=args.ctf_refine_from_A,
         higher_order_aberrations_from_A=args.higher_order_aberrations_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
+        postprocess=_postprocess(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
         config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
@@ -516,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--non-uniform", action="store_true",
                        help="Non-Uniform Refinement: adaptive local filtering of the references "
                        "by cross-validation between half maps; also writes map_nu.mrc and "
-                       "local_resolution.mrc")
+                       "nu_cutoff_resolution.mrc")
         p.add_argument("--symmetry", "--sym", default=d.symmetry,
                        help="point group: C1, Cn, Dn, T, O, I (= I2), I1–I4, RELION's axis "
                        "conventions (default: %(default)s)")

@@ -88,7 +88,10 @@ def latest_run(events) -> list[dict]:
     if not payloads:
         return []
     run = payloads[-1]["run"]
-    by_iteration = {p["iteration"]: p for p in payloads if p["run"] == run}
+    by_iteration: dict[int, dict] = {}
+    for p in payloads:  # a later payload of an iteration updates it (e.g. the final results)
+        if p["run"] == run:
+            by_iteration[p["iteration"]] = {**by_iteration.get(p["iteration"], {}), **p}
     return [by_iteration[k] for k in sorted(by_iteration)]
 
 
@@ -202,6 +205,13 @@ def header_html(run: list[dict]) -> str:
              f"resolution {res:.2f} Å" if res is not None else "resolution —"]
     if stats.get("particles_per_s") is not None:
         parts.append(f"{stats['particles_per_s']:.0f} particles/s")
+    final = last.get("final") or {}
+    if final.get("sharpening_bfactor_A2") is not None:
+        parts.append(f"done: map_sharp.mrc sharpened by {final['sharpening_bfactor_A2']:.0f} Å²")
+    local = final.get("local_resolution_A")
+    if local:
+        parts.append(f"local resolution {local['median']:.2f} Å "
+                     f"(5–95%: {local['p5']:.2f}–{local['p95']:.2f} Å)")
     return (f"<h2>dask-refine: {escape(last['job'])}</h2>"
             f"<p id='status-line'>{' · '.join(parts)}</p><p>{links}</p>")
 

@@ -1,8 +1,8 @@
 """``dask-refine report DIR``: one self-contained HTML page for a job's output folder.
 
 The page (``DIR/report.html``) shows the job's key figures from ``summary.json`` (resolution,
-B-factor, iterations, particles, time), its figures (``fsc.png``, ``guinier.png``,
-``orientations.png``, ``slices.png``) embedded as base64 so the file can be mailed on its own,
+B-factor, sharpening, local resolution, iterations, particles, time), its figures
+(``fsc.png``, ``guinier.png``, ``orientations.png``, ``slices.png``, ``local_resolution.png``) embedded as base64 so the file can be mailed on its own,
 ``iterations.csv`` as a table (refinement), one section per class folder ``class_NNN/``
 (heterogeneous jobs), the resolved ``config.json`` and relative links to the output files.
 Only the standard library: ``html`` for escaping, no template engine.
@@ -23,7 +23,8 @@ from ..io.output_folder import OutputFolder
 from ..jobs.checkpoint import ITERATIONS
 
 FIGURES = (("fsc.png", "Fourier shell correlation"), ("guinier.png", "Guinier plot and B-factor"),
-           ("orientations.png", "Viewing directions"), ("slices.png", "Central slices"))
+           ("orientations.png", "Viewing directions"), ("slices.png", "Central slices"),
+           ("local_resolution.png", "Local resolution (half-map FSC in sliding windows)"))
 OUTPUT_SUFFIXES = (".mrc", ".csv", ".star", ".json", ".png")
 PAGE_INPUTS = (".json", ".csv", ".png")  # what the page reads (maps and stacks are only linked)
 CLASS_FOLDER = re.compile(r"class_[0-9]{3}")
@@ -67,6 +68,13 @@ def _key_figures(summary: dict) -> list[tuple[str, str]]:
             ("resolution (FSC 0.143)", _number(summary.get("resolution_A"), ".2f", " Å")),
             ("B-factor (Guinier fit, RELION sign)", _number(summary.get("bfactor_A2"), ".0f",
                                                             " Å²"))]
+    if summary.get("sharpening_bfactor_A2") is not None:
+        rows.append(("map_sharp.mrc sharpened by", _number(summary["sharpening_bfactor_A2"],
+                                                          ".0f", " Å²")))
+    local = summary.get("local_resolution_A")
+    if local:
+        rows.append(("local resolution (median, 5–95%)",
+                     f"{local['median']:.2f} Å ({local['p5']:.2f}–{local['p95']:.2f} Å)"))
     if "iterations" in summary:
         converged = "converged" if summary.get("converged") else "iteration limit"
         rows.append(("iterations", f"{summary['iterations']} ({converged})"))
@@ -100,7 +108,7 @@ def _figures(folder: Path, prefix: str = "") -> str:
         path = folder / name
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            wide = ' class="wide"' if name == "slices.png" else ""
+            wide = ' class="wide"' if name in ("slices.png", "local_resolution.png") else ""
             items.append(f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{_e(name)}">'
                          f"<figcaption>{_e(caption)} ({_e(prefix + name)})</figcaption></figure>")
     return f'<div class="figs">{"".join(items)}</div>' if items else ""
