@@ -125,3 +125,39 @@ def test_sharpening_and_local_resolution_match_relion_postprocess(halves, tmp_pa
     assert np.mean(np.abs(relion_locres[inside] - local.resolution_A[inside])) < 0.1
     relion_filtered, _ = read_map(tmp_path / "lr" / "pp_locres_filtered.mrc")
     assert np.corrcoef(relion_filtered[inside], local.filtered[inside])[0, 1] > 0.999
+
+
+def test_mtf_star_is_read_and_divides_the_sharpened_map(halves, tmp_path):
+    """An MTF in RELION's STAR format (1/pixel of the micrographs): read, converted to 1/Å by
+    their pixel size, and divided out of map_sharp.mrc; a bad value is refused by field."""
+    import pandas as pd
+    import starfile
+
+    from dask_refine.io.errors import InputError
+    from dask_refine.io.star import read_mtf
+    from dask_refine.jobs.postprocess import PostprocessOptions, load_mtf, write_postprocessed
+
+    (a, b), mask, px, _ = halves
+    table = pd.DataFrame({"rlnResolutionInversePixel": np.linspace(0.0, 0.5, 21),
+                          "rlnMtfValue": np.linspace(1.0, 0.4, 21)})
+    starfile.write({"mtf": table}, tmp_path / "mtf.star")
+    frequency, value = read_mtf(tmp_path / "mtf.star")
+    np.testing.assert_allclose(value, table["rlnMtfValue"])
+    options = PostprocessOptions(mtf_path=str(tmp_path / "mtf.star"), mtf_pixel_size_A=px / 2,
+                                 local_resolution=False)
+    mtf = load_mtf(options, px)
+    np.testing.assert_allclose(mtf.frequency_invA, frequency / (px / 2))
+    curve = mask_corrected_fsc(a, b, mask)["corrected"]
+    for name in ("plain", "mtf"):
+        (tmp_path / name).mkdir()
+    plain = write_postprocessed(tmp_path / "plain", (a, b), curve, None, px,
+                                PostprocessOptions(local_resolution=False))
+    corrected = write_postprocessed(tmp_path / "mtf", (a, b), curve, mask, px, options)
+    # the MTF falls 1 → 0.7 over the map's band (its Nyquist is the micrographs' 0.25/pixel):
+    # divided out, the map's high frequencies are stronger and need less sharpening
+    assert corrected["sharpening_bfactor_A2"] > plain["sharpening_bfactor_A2"] + 5.0
+    assert {"map_sharp", "map_sharp_masked"} <= set(corrected["outputs"])
+    table["rlnMtfValue"] = table["rlnMtfValue"].where(table.index != 3, 0.0)
+    starfile.write({"mtf": table}, tmp_path / "bad.star")
+    with pytest.raises(InputError, match="rlnMtfValue.*row 4"):
+        read_mtf(tmp_path / "bad.star")
