@@ -212,8 +212,8 @@ def main():
         mag_matrix=tuple(args.mag_matrix)))
     # the tilt (and magnification) are unknown to the user: filed as none, the truth aside
     unknown = ["beam_tilt_mrad"] + (["mag_matrix"] if store.has_column("mag_matrix") else [])
-    for name in unknown:
-        store.write_column(name, store.read_column(name), group=GROUND_TRUTH)
+    for column in unknown:
+        store.write_column(column, store.read_column(column), group=GROUND_TRUTH)
     store.write_column("beam_tilt_mrad", np.zeros((args.n, 2)))
     if "mag_matrix" in unknown:
         store.write_column("mag_matrix", np.tile(np.eye(2), (args.n, 1, 1)))
