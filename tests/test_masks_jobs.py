@@ -98,3 +98,45 @@ def test_fsc_report_of_band_limited_halves_finds_no_correlation_beyond_the_band(
     assert limited["resolution_A"] >= box * px / 6
     rows = list(csv.DictReader(open(tmp_path / "limited" / "fsc.csv")))
     assert all(float(r["fsc"]) == 0 for r in rows[6:])
+
+
+def test_refinement_mask_is_the_users_else_the_dynamic_one_from_its_start(demo_map):
+    """A user mask wins; the dynamic mask starts at its resolution, covers the map's density
+    and falls to 0 within ``far_A`` of it; before its start the sphere stays (None)."""
+    from dask_refine.jobs.masking import DynamicMask, refinement_mask
+
+    volume, px = demo_map
+    user = np.ones_like(volume)
+    assert refinement_mask((volume, volume), 20.0, px, user, DynamicMask()) is user
+    assert refinement_mask((volume, volume), 20.0, px, None, DynamicMask()) is None
+    assert refinement_mask((volume, volume), 8.0, px, None, None) is None
+    mask = refinement_mask((volume, volume), 8.0, px, None, DynamicMask())
+    density = volume > 0.3 * volume.max()
+    assert mask[density].min() == pytest.approx(1.0)
+    assert 0.05 < float((mask > 0).mean()) < 0.6  # tighter than the box, wider than the map
+
+
+def test_refinement_masks_its_references_with_the_dynamic_mask(tmp_path, demo_map):
+    """With a dynamic mask from the first iteration, each iteration writes the mask it used,
+    its references are zero where the mask is, and its FSC is the solvent-corrected one."""
+    from helpers import small_refine_dataset
+
+    from dask_refine.io.mrc import read_map
+    from dask_refine.jobs.masking import DynamicMask
+    from dask_refine.jobs.refine import RefineConfig, run_refine
+
+    small_refine_dataset(tmp_path, demo_map, n_particles=120, chunk_size=60)
+    summary = run_refine(RefineConfig(
+        store=str(tmp_path / "p.zarr"), initial_map=str(tmp_path / "initial.mrc"),
+        out_dir=str(tmp_path / "o"), max_iterations=2, first_level_candidates=128,
+        dynamic_mask=DynamicMask(start_A=100.0)), log=lambda m: None)
+    for it in (1, 2):
+        folder = tmp_path / "o" / "iterations" / f"iter_{it:03d}"
+        mask, _ = read_map(folder / "mask.mrc")
+        reference, _ = read_map(folder / "reference_A.mrc")
+        assert 0.02 < float((mask > 0).mean()) < 0.7
+        assert np.abs(reference[mask == 0]).max() == 0.0
+        assert np.abs(reference[mask > 0.99]).max() > 0.0
+    # the final FSC and the masked sharpened map use the last iteration's mask
+    assert "fsc_corrected" in _columns(tmp_path / "o" / "fsc.csv")
+    assert "map_sharp_masked" in summary["outputs"]

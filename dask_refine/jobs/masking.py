@@ -2,7 +2,9 @@
 
 Shared by every job: a user mask (MRC, values in [0, 1], same box and voxel size as the
 particles), an automatic solvent mask from the full map (``relion_mask_create`` steps: low-pass,
-threshold, extend, soft edge), or the soft sphere of the job's mask diameter.
+threshold, extend, soft edge), or the soft sphere of the job's mask diameter. During a
+refinement the user mask, or a dynamic mask rebuilt every iteration, masks the references and
+gives the per-iteration, solvent-corrected FSC (:func:`refinement_mask`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,38 @@ def job_mask(options: MaskOptions, full_map, pixel_size_A: float) -> np.ndarray 
         return solvent_mask(smooth, options.auto_mask_threshold * float(smooth.max()),
                             options.auto_mask_extend_px, options.auto_mask_soft_edge_px)
     return None
+
+
+@dataclass(frozen=True)
+class DynamicMask:
+    """cryoSPARC's dynamic mask, rebuilt from each iteration's half maps once the resolution
+    reaches ``start_A``: their average low-passed to the resolution, thresholded at
+    ``threshold`` × its maximum, 1 within ``near_A`` of that and a raised-cosine fall-off to 0 at
+    ``far_A``."""
+
+    start_A: float = 12.0
+    threshold: float = 0.2
+    near_A: float = 6.0
+    far_A: float = 14.0
+
+
+def refinement_mask(halves, resolution_A: float, pixel_size_A: float, user_mask=None,
+                    dynamic: DynamicMask | None = None):
+    """The solvent mask of one class's references in an iteration (RELION's
+    ``--solvent_mask``): the user's, else the dynamic mask once the resolution (with the
+    spherical mask) reaches its start, else None (the sphere stays)."""
+    if user_mask is not None:
+        return user_mask
+    if dynamic is None or not resolution_A <= dynamic.start_A:
+        return None
+    average = 0.5 * (np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64))
+    smooth = lowpass_filter(average, max(resolution_A, 2 * pixel_size_A), pixel_size_A)
+    try:
+        return solvent_mask(smooth, dynamic.threshold * float(smooth.max()),
+                            dynamic.near_A / pixel_size_A,
+                            (dynamic.far_A - dynamic.near_A) / pixel_size_A)
+    except ValueError:  # a map with no density above the threshold: keep the sphere
+        return None
 
 
 def final_mask(options: MaskOptions, full_map, pixel_size_A: float, out_dir, fallback=None):

@@ -28,8 +28,8 @@ import numpy as np
 from ..core.backprojection import CTF_PARAMETERS, FourierSums, particle_ctfs
 from ..core.filters import lowpass_filter
 from ..core.fourier import centred_rfftn
-from ..core.fsc import (fsc, resolution_at_threshold, shell_resolution_A, ssnr_from_fsc,
-                        within_band)
+from ..core.fsc import (fsc, mask_corrected_fsc, resolution_at_threshold, shell_resolution_A,
+                        ssnr_from_fsc, within_band)
 from ..core.masks import soft_sphere_mask
 from ..core.noise import (background_noise_power, class_noise_models, initial_noise_and_scale,
                           noise_weights, renormalise_scales, shell_mean)
@@ -59,7 +59,14 @@ from .ctf_refinement import (
     refined_columns,
 )
 from .progress import final_results, iteration_event, new_run_id
-from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
+from .masking import (
+    DynamicMask,
+    MaskOptions,
+    final_mask,
+    read_user_mask,
+    refinement_mask,
+    write_fsc_report,
+)
 from .postprocess import PostprocessOptions, write_postprocessed
 from .reconstruct import check_symmetry
 from .checkpoint import (ITERATIONS, IterationWriter, RunLock, check_resumable,
@@ -77,7 +84,7 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
                "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
                "defocus_range_A", "per_group_ctf", "higher_order_aberrations_from_A",
-               "ctf_refine_from_A")
+               "ctf_refine_from_A", "dynamic_mask")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
 #: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
@@ -88,7 +95,7 @@ FOLD_SUMS_BUDGET = 2 << 30
 LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
-                   "higher_order_aberrations_from_A": 4.0}
+                   "higher_order_aberrations_from_A": 4.0, "dynamic_mask": None}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -109,6 +116,10 @@ FINE_ENOUGH = 0.75
 class RefineConfig:
     """Homogeneous Refinement. Defaults follow cryoSPARC/RELION practice.
 
+    ``masks.mask_path`` (a user mask) or ``dynamic_mask`` (:class:`.masking.DynamicMask`)
+    replace the sphere as the references' mask and give a solvent-corrected FSC every
+    iteration (RELION's ``--solvent_mask --solvent_correct_fsc``); the mask of each iteration is
+    written beside its maps (``mask.mrc``).
     ``mask_diameter_A``: soft spherical mask for references and FSC, also the particle size for
     the search (None: 80% of the box). ``max_shift_A``: half-extent of the shift search
     (None: 10% of the box). ``local_search``: once the median pose change of an iteration
@@ -210,6 +221,9 @@ class RefineConfig:
     higher_order_aberrations_from_A: float = 4.0
     symmetry: str = "C1"
     masks: MaskOptions = field(default_factory=MaskOptions)
+    # cryoSPARC's dynamic mask for the references from dynamic_mask.start_A on (None: the
+    # sphere, or the user's --mask, every iteration)
+    dynamic_mask: DynamicMask | None = None
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
@@ -489,17 +503,20 @@ def _class_dir(folder: Path, k: int, n_classes: int) -> Path:
 
 
 def _save_state(folder: Path, state: State, per_class, px: float, extra: dict):
-    """``per_class``: ``(halves, curve, full_map)`` of each class (None for an empty class)."""
+    """``per_class``: ``(halves, curve, full_map, solvent_mask or None)`` of each class (None
+    for an empty class)."""
     for k, result in enumerate(per_class):
         where = _class_dir(folder, k, state.n_classes)
         for h, name in enumerate(HALVES):
             write_map(where / f"reference_{name}.mrc", state.references[2 * k + h], px)
         if result is None:
             continue
-        halves, curve, full_map = result
+        halves, curve, full_map, solvent = result
         for h, name in enumerate(HALVES):
             write_map(where / f"half_{name}.mrc", halves[h], px)
         write_map(where / "map.mrc", full_map, px)
+        if solvent is not None:  # the mask the references and the FSC used
+            write_map(where / "mask.mrc", np.asarray(solvent, np.float32), px)
         box = full_map.shape[0]
         shells = np.arange(curve.size)
         write_csv(where / "fsc.csv", {"shell": shells.tolist(),
@@ -639,6 +656,8 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         fold_sums = (sums.data.reshape(shape), sums.weight.reshape(shape))
         sums = FourierSums(fold_sums[0].sum(axis=1), fold_sums[1].sum(axis=1),
                            sums.count.reshape(2 * n_classes, folds).sum(axis=1))
+    user_mask = (read_user_mask(config.masks.mask_path, box, px).astype(np.float32)
+                 if config.masks.mask_path else None)
     references, per_class, resolutions, alignment = [], [], [], []
     for k in range(n_classes):
         a, b = 2 * k, 2 * k + 1
@@ -650,8 +669,15 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
             continue
         halves = [reconstruct(sums.data[g], sums.weight[g], box, complete_planes=False)
                   for g in (a, b)]
-        curve = within_band(fsc(halves[0] * mask, halves[1] * mask),
-                            params.r_align if config.band_limited_reconstruction else None)
+        band = params.r_align if config.band_limited_reconstruction else None
+        curve = within_band(fsc(halves[0] * mask, halves[1] * mask), band)
+        # the user's or the dynamic mask: the references' mask and a solvent-corrected FSC
+        solvent = refinement_mask(halves, resolution_at_threshold(curve, box, px, 0.143), px,
+                                  user_mask, config.dynamic_mask)
+        class_mask = mask if solvent is None else solvent
+        if solvent is not None:
+            curve = within_band(mask_corrected_fsc(halves[0], halves[1], solvent)["corrected"],
+                                band)
         resolutions.append(resolution_at_threshold(curve, box, px, 0.143))
         ssnr_half = ssnr_from_fsc(curve)
         refs = [reconstruct(sums.data[g], sums.weight[g], box, ssnr=ssnr_half,
@@ -661,14 +687,14 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
                      fold_sums[0][g], fold_sums[1][g], box, ssnr_half)])
         if config.non_uniform:
             choice, cutoffs = local_cutoff_choice(halves[0], halves[1], px, resolutions[-1],
-                                                  mask=mask)
+                                                  mask=class_mask)
             refs = [apply_local_filter(r, choice, cutoffs, px) for r in refs]
             parts = [apply_local_filter(r, choice, cutoffs, px) for r in parts]
-        references += [(r * mask).astype(np.float32) for r in refs]
-        alignment += [(r * mask).astype(np.float32) for r in parts]
+        references += [(r * class_mask).astype(np.float32) for r in refs]
+        alignment += [(r * class_mask).astype(np.float32) for r in parts]
         full = reconstruct(sums.data[a] + sums.data[b], sums.weight[a] + sums.weight[b], box,
                            ssnr=ssnr_from_fsc(curve, full_map=True), complete_planes=False)
-        per_class.append((halves, curve, full))
+        per_class.append((halves, curve, full, solvent))
     resolution = min(resolutions)
     moved = (angular_distance_deg(rotation, state.rotation) if state.rotation is not None
              else np.full(n, 180.0))
@@ -850,13 +876,17 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None,
         (where / f".{name}.tmp").replace(where / name)
     halves = [read_map(where / f"half_{h}.mrc")[0] for h in HALVES]
     full = read_map(where / "map.mrc")[0]
+    # the last iteration's solvent mask (dynamic or the user's), else the sphere
+    iteration_mask = read_map(last / "mask.mrc")[0] if (last / "mask.mrc").exists() else None
     mask = final_mask(config.masks, full, px, where,
-                      fallback=_particle_mask(config, info.box_size, px))
+                      fallback=(_particle_mask(config, info.box_size, px)
+                                if iteration_mask is None else iteration_mask))
     report = write_fsc_report(where, halves, mask, px, title="Gold-standard FSC",
                               max_shell=band)
     report.update(write_job_figures(where, halves, full, report["curves"]["corrected"],
                                     report["resolution_A"], px, rotation, None, config.symmetry))
-    solvent = mask if (config.masks.mask_path or config.masks.auto_mask) else None
+    solvent = (mask if (config.masks.mask_path or config.masks.auto_mask
+                        or iteration_mask is not None) else None)
     post = write_postprocessed(where, halves, report["curves"]["corrected"], solvent, px,
                                config.postprocess)
     report["outputs"].update(post.pop("outputs"))

@@ -67,8 +67,10 @@ class _Commands:
 
 
 def _mask_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mask", help="user mask MRC for the final FSC (values 0…1, same box and "
-                   "voxel size as the particles)")
+    p.add_argument("--mask", help="user mask MRC (values 0…1, same box and voxel size as the "
+                   "particles) for the mask-corrected FSC; a refinement also masks its "
+                   "references with it every iteration (RELION's --solvent_mask with "
+                   "--solvent_correct_fsc)")
     p.add_argument("--auto-mask", action="store_true",
                    help="solvent mask from the final map (low-pass 15 Å, threshold 0.2 × max, "
                    "extend 3 px, 6 px soft edge) for a mask-corrected FSC")
@@ -94,6 +96,15 @@ def _masks(args):
     from ..jobs.masking import MaskOptions
 
     return MaskOptions(mask_path=args.mask, auto_mask=args.auto_mask)
+
+
+def _dynamic_mask(args):
+    from ..jobs.masking import DynamicMask
+
+    if not args.dynamic_mask:
+        return None
+    return DynamicMask(start_A=args.dynamic_mask_start_A, threshold=args.dynamic_mask_threshold,
+                       near_A=args.dynamic_mask_near_A, far_A=args.dynamic_mask_far_A)
 
 
 def _postprocess(args):
@@ -354,7 +365,7 @@ def cmd_refine(args) -> int:
         per_group_ctf=args.per_group_ctf, ctf_refine_from_A=args.ctf_refine_from_A,
         higher_order_aberrations_from_A=args.higher_order_aberrations_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
-        postprocess=_postprocess(args),
+        postprocess=_postprocess(args), dynamic_mask=_dynamic_mask(args),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
         config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
@@ -540,6 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-marginalize", action="store_true",
                        help="backproject each particle at its best pose only (default: over "
                        "its significant poses with their posterior weights, as RELION)")
+        g = p.add_argument_group("dynamic mask (cryoSPARC's)")
+        g.add_argument("--dynamic-mask", action="store_true",
+                       help="mask the references with a solvent mask rebuilt from each "
+                       "iteration's map once the resolution reaches --dynamic-mask-start-A "
+                       "(and use it for a solvent-corrected FSC)")
+        for flag, default, text in (("start-A", 12.0, "resolution to start at (Å)"),
+                                    ("threshold", 0.2, "threshold × the map's maximum"),
+                                    ("near-A", 6.0, "dilation of the thresholded region (Å)"),
+                                    ("far-A", 14.0, "where the soft edge reaches 0 (Å)")):
+            g.add_argument(f"--dynamic-mask-{flag}", type=float, default=default,
+                           help=f"{text} (default: %(default)s)")
         p.add_argument("--non-uniform", action="store_true",
                        help="Non-Uniform Refinement: adaptive local filtering of the references "
                        "by cross-validation between half maps; also writes map_nu.mrc and "
