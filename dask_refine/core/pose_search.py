@@ -50,6 +50,7 @@ from . import so3_grid
 from .backend import array_module, batch_size_for_memory, free_device_bytes, kernels, to_numpy
 from .fourier import rfft_frequencies, rfft_multiplicity
 from .projection import extract_central_slices_rfft
+from .rotations import angular_distance_deg
 from .symmetry import in_asymmetric_unit, symmetry_operators
 
 SQRT3 = float(np.sqrt(3.0))
@@ -80,6 +81,11 @@ class SearchParams:
     # the cap on the first level's survivors (None: ``max_candidates``): its band is the
     # lowest, its ranking the least reliable (see the module docstring)
     first_level_candidates: int | None = None
+    # Gaussian priors on the pose (RELION's --sigma_ang, cryoSPARC's local refinement): every
+    # candidate's error gains −2 log prior = (angle to the prior rotation / σ)² + (distance to
+    # the prior origin / σ_shift)² (None: no prior on that)
+    prior_sigma_deg: float | None = None
+    prior_sigma_shift_px: float | None = None
 
 
 @dataclass
@@ -278,13 +284,31 @@ def search_levels(params: SearchParams) -> range:
     return range(first, max(last, first) + 1)
 
 
+def prior_penalty(params: SearchParams, rotations, origins_px, centre_rotation,
+                  centre_origin_px) -> np.ndarray:
+    """−2 log of the Gaussian pose prior of :class:`SearchParams` (up to a constant) for poses
+    ``rotations (P, 3, 3)``, ``origins_px (P, 2)`` of one particle whose prior is centred at
+    ``centre_rotation (3, 3)``, ``centre_origin_px (2,)``: ``(θ/σ)² + (|Δo|/σ_shift)²``, θ the
+    angle between the rotations. Zeros without priors."""
+    out = np.zeros(len(origins_px))
+    if params.prior_sigma_deg:
+        angle = angular_distance_deg(np.asarray(rotations), np.asarray(centre_rotation)[None])
+        out += (angle / params.prior_sigma_deg) ** 2
+    if params.prior_sigma_shift_px:
+        delta = np.asarray(origins_px, np.float64) - np.asarray(centre_origin_px)[None, :]
+        out += np.sum(delta * delta, axis=1) / params.prior_sigma_shift_px ** 2
+    return out
+
+
 def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                      prior_rotation=None, prior_origin_px=None, envelope=None,
-                     trace: bool = False) -> SearchResult:
+                     trace: bool = False, prior_centre=None) -> SearchResult:
     """Best pose of every particle in ``data`` against one reference (see the module docstring).
 
     ``prior_origin_px`` ``(B, 2)`` centres the shift grids (default 0); with ``params.local``,
     ``prior_rotation`` ``(B, 3, 3)`` restricts the search to the neighbourhood of each prior.
+    ``prior_centre``: ``(rotations (B, 3, 3), origins_px (B, 2))`` where the Gaussian priors of
+    ``params`` are centred (:func:`prior_penalty`; every bound and error then includes it).
     ``trace=True`` records, per particle, one dict per level: ``level``, ``band`` (the band
     limit L, Fourier pixels), ``n_candidates``, ``n_kept``, ``bounds`` (the lower bound of every
     candidate), ``true_errors`` (E_{r_align} of every candidate, computed for the trace only),
@@ -361,6 +385,11 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                  part.kx, part.ky, part.slice_matrix)
             err, energy = _pair_errors(part, slices, pair_rot, pair_origin)
             evals += err.size
+            penalty = None
+            if prior_centre is not None:
+                penalty = prior_penalty(params, so3_grid.cell_rotations(lvl, dirs, psis)[pair_rot],
+                                        pair_origin, prior_centre[0][b], prior_centre[1][b])
+                err = err + penalty
             bound = err + bounds_hi[lvl][b]
             star = int(np.argmin(bound))
             star_rot = so3_grid.cell_rotations(lvl, dirs[pair_rot[star]:pair_rot[star] + 1],
@@ -369,7 +398,7 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                          _slices(reference_rfft, box, star_rot, p_true.kx,
                                                  p_true.ky, p_true.slice_matrix))
             evals += 1
-            e_star = float(true_star[0, 0])
+            e_star = float(true_star[0, 0]) + (0.0 if penalty is None else float(penalty[star]))
             keep, within = _prune(bound, e_star, energy, params,
                                   params.first_level_candidates if lvl == first
                                   and params.first_level_candidates else params.max_candidates)
@@ -393,6 +422,8 @@ def branch_and_bound(reference_rfft, data: ParticleData, params: SearchParams,
                                   p_true.kx, p_true.ky, p_true.slice_matrix)
                     true_err, _ = _pair_errors(p_true, fin, inv.ravel(), pair_origin[keep])
                     evals += true_err.size
+                    if penalty is not None:
+                        true_err = true_err + penalty[keep]
                 order = np.argsort(true_err, kind="stable")
                 near = order[true_err[order] <= true_err[order[0]] + params.posterior_window]
                 cells = kr[inv.ravel()[near]]

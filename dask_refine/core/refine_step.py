@@ -294,7 +294,9 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
     """Search, weigh, score and backproject a batch; ``sums`` is accumulated in place.
 
     ``meta``: CTF columns, ``scale (B,)`` (current scales, used for search and backprojection),
-    ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors).
+    ``origin_px (B, 2)`` (prior origins), and for local search ``rotation (B, 3, 3)`` (priors);
+    with ``prior_centre_rotation (B, 3, 3)`` and ``prior_centre_origin_px (B, 2)`` the
+    Gaussian priors of ``params`` are centred there (local refinement, :func:`.pose_search.prior_penalty`).
     ``groups`` ``(B,)``: the half set of each particle (``half · F + fold`` with
     ``options.alignment_folds`` F > 1); references, envelopes and sums are indexed
     ``class · 2 + half`` (``(class · 2 + half) · F + fold``; the other half's reference of the
@@ -357,10 +359,14 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         sel = xp.asarray(sel_host)
         data = [ParticleData(x[sel], ctf[sel], scale[sel_host], class_weights[k], slice_matrix)
                 for k in range(k_total)]  # each class under its own noise model
+        centre = (None if "prior_centre_rotation" not in meta else
+                  (np.asarray(meta["prior_centre_rotation"])[sel_host],
+                   np.asarray(meta["prior_centre_origin_px"])[sel_host]))
         found = [branch_and_bound(references[own_group[k]], data[k], params,
                                   prior_rotation=None if prior_rot is None else prior_rot[sel],
                                   prior_origin_px=prior_origin[sel],
-                                  envelope=envelopes[own_group[k]]) for k in range(k_total)]
+                                  envelope=envelopes[own_group[k]], prior_centre=centre)
+                 for k in range(k_total)]
         out.n_evaluations[sel_host] = sum(r.n_evaluations for r in found)
         out.capped[sel_host] = np.any([r.pruning[:, :, 2].sum(axis=1) > 0 for r in found], axis=0)
         pruned = sum(r.pruning.sum(axis=0) for r in found)

@@ -84,7 +84,8 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "alignment_margin_shells", "band_limited_reconstruction", "symmetry",
                "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
                "defocus_range_A", "per_group_ctf", "higher_order_aberrations_from_A",
-               "ctf_refine_from_A", "dynamic_mask")
+               "ctf_refine_from_A", "dynamic_mask", "local_refinement", "prior_sigma_deg",
+               "prior_sigma_shift_A", "focus_mask")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
 #: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
@@ -95,7 +96,9 @@ FOLD_SUMS_BUDGET = 2 << 30
 LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_particle_astigmatism": False, "defocus_range_A": 2000.0,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
-                   "higher_order_aberrations_from_A": 4.0, "dynamic_mask": None}
+                   "higher_order_aberrations_from_A": 4.0, "dynamic_mask": None,
+                   "local_refinement": False, "prior_sigma_deg": 5.0,
+                   "prior_sigma_shift_A": 3.0, "focus_mask": None}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -224,6 +227,13 @@ class RefineConfig:
     # cryoSPARC's dynamic mask for the references from dynamic_mask.start_A on (None: the
     # sphere, or the user's --mask, every iteration)
     dynamic_mask: DynamicMask | None = None
+    # local refinement (cryoSPARC's Local Refinement, RELION's --sigma_ang): start from the
+    # store's poses, search locally under Gaussian priors centred on them; focus_mask masks
+    # the references (the alignment sees its region only)
+    local_refinement: bool = False
+    prior_sigma_deg: float = 5.0
+    prior_sigma_shift_A: float = 3.0
+    focus_mask: str | None = None
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
@@ -318,8 +328,11 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
                              f"pixel size {info.pixel_size_A:.4g} Å")
         volumes.append(volume)
     check_symmetry(config.symmetry)
-    if config.masks.mask_path:
-        read_user_mask(config.masks.mask_path, info.box_size, info.pixel_size_A)
+    for path in (config.masks.mask_path, config.focus_mask):
+        if path:
+            read_user_mask(path, info.box_size, info.pixel_size_A)
+    if config.local_refinement:
+        input_poses(store)  # the poses it starts from
     names = ["half_set"] + (list(CTF_PARAMETERS) if config.use_ctf else [])
     for name in names:
         if not store.has_column(name):
@@ -394,8 +407,27 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     r_align = min(box / 2 - 1, lowpass_shell + config.alignment_margin_shells)
     noise = np.stack(noise) if config.per_class_noise else np.broadcast_to(
         np.mean(noise, axis=0), (len(noise), len(noise[0]))).copy()
-    return State(0, references, noise, np.ones(n), None, np.zeros((n, 2)),
-                 r_align, config.initial_lowpass_A, math.inf, 0)
+    state = State(0, references, noise, np.ones(n), None, np.zeros((n, 2)),
+                  r_align, config.initial_lowpass_A, math.inf, 0)
+    if config.local_refinement:  # from the store's poses, locally, the prior's width known
+        rotation, origin_px = input_poses(store)
+        state = replace(state, rotation=rotation, origin_px=origin_px, local=True,
+                        angular_accuracy_deg=config.prior_sigma_deg)
+    return state
+
+
+def input_poses(store) -> tuple[np.ndarray, np.ndarray]:
+    """The store's poses, ``rotation (N, 3, 3)`` and origins in each particle's pixels, for a
+    local refinement (an error names what is missing)."""
+    missing = [c for c in ("rotation", "shift_A") if not store.has_column(c)]
+    if missing:
+        raise InputError(store.path, f"no {', '.join(missing)} column(s); local refinement "
+                         "starts from the particles' poses (import a STAR or .cs with angles and "
+                         "origins, or a previous job's particles.star)")
+    shift_A = store.read_column("shift_A")
+    image_px = (store.read_column("image_pixel_size_A") if store.has_column("image_pixel_size_A")
+                else np.full(shift_A.shape[0], store.info.pixel_size_A))
+    return store.read_column("rotation"), shift_A / image_px[:, None]
 
 
 def _search_params(config, state: State, box: int, radius_px: float, max_shift_px: float):
@@ -585,6 +617,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     box, px = info.box_size, info.pixel_size_A
     n_classes = state.n_classes
     params = _search_params(config, state, box, radius_px, max_shift_px)
+    if config.local_refinement:  # Gaussian priors about the input poses
+        params = replace(params, prior_sigma_deg=config.prior_sigma_deg,
+                         prior_sigma_shift_px=config.prior_sigma_shift_A / px)
     folds = config.alignment_folds
     aligned = (state.alignment_references if state.alignment_references is not None
                else [r for r in state.references for _ in range(folds)])
@@ -605,6 +640,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     step_meta["origin_px"] = state.origin_px
     if params.local:
         step_meta["rotation"] = state.rotation
+    if config.local_refinement:  # where the priors are centred: the poses the run started from
+        step_meta["prior_centre_rotation"], step_meta["prior_centre_origin_px"] = \
+            input_poses(store)
     n_threads = sum(client.nthreads().values()) if client is not None else 1
     graph = refine_graph(store.images, step_meta, groups, 2 * n_classes * folds,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
@@ -656,8 +694,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         fold_sums = (sums.data.reshape(shape), sums.weight.reshape(shape))
         sums = FourierSums(fold_sums[0].sum(axis=1), fold_sums[1].sum(axis=1),
                            sums.count.reshape(2 * n_classes, folds).sum(axis=1))
-    user_mask = (read_user_mask(config.masks.mask_path, box, px).astype(np.float32)
-                 if config.masks.mask_path else None)
+    solvent_path = config.focus_mask or config.masks.mask_path
+    user_mask = (read_user_mask(solvent_path, box, px).astype(np.float32)
+                 if solvent_path else None)
     references, per_class, resolutions, alignment = [], [], [], []
     for k in range(n_classes):
         a, b = 2 * k, 2 * k + 1

@@ -366,6 +366,10 @@ def cmd_refine(args) -> int:
         higher_order_aberrations_from_A=args.higher_order_aberrations_from_A,
         chunk_size=args.chunk_size, resume=args.resume, masks=_masks(args),
         postprocess=_postprocess(args), dynamic_mask=_dynamic_mask(args),
+        local_refinement=getattr(args, "local_refinement", False),
+        prior_sigma_deg=getattr(args, "prior_sigma_deg", 5.0),
+        prior_sigma_shift_A=getattr(args, "prior_sigma_shift_A", 3.0),
+        focus_mask=getattr(args, "focus_mask", None),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
         config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
@@ -500,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "by a map it is part of)")
         else:
             p.add_argument("--initial", required=True, metavar="MAP", help="initial map (MRC)")
+            g = p.add_argument_group("local refinement (cryoSPARC's Local Refinement, "
+                                     "RELION's --sigma_ang)")
+            g.add_argument("--local-refinement", action="store_true",
+                           help="start from the store's poses and origins (an imported STAR/.cs "
+                           "or a previous job's particles.star) and search locally under "
+                           "Gaussian priors centred on them")
+            g.add_argument("--prior-sigma-deg", type=float, default=d.prior_sigma_deg,
+                           metavar="DEG", help="σ of the rotation prior (default: %(default)s°)")
+            g.add_argument("--prior-sigma-shift-A", type=float, default=d.prior_sigma_shift_A,
+                           metavar="Å", help="σ of the origin prior (default: %(default)s Å)")
+            g.add_argument("--focus-mask", metavar="MRC",
+                           help="mask the references with it every iteration: the particles are "
+                           "aligned on the masked region (the rest of each image stays, as "
+                           "structured noise; subtract it first for a small region)")
         p.add_argument("--out", required=True, help="output folder (also the checkpoint), or an "
                        "object-store URL (s3://…, gs://…) the outputs are uploaded to")
         p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A, metavar="Å",

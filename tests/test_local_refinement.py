@@ -1,0 +1,111 @@
+"""Local refinement: Gaussian pose priors in the search (core/pose_search.py), and the job
+started from the store's poses with a focus mask (jobs/refine.py)."""
+
+import numpy as np
+import pytest
+
+from dask_refine.core.pose_search import SearchParams, prior_penalty
+from dask_refine.core.rotations import angular_distance_deg, euler_to_matrix
+from dask_refine.io.simulate import SimulationConfig, simulate_store
+from dask_refine.io.store import GROUND_TRUTH
+
+
+def _tilted(rotations, degrees: float, seed: int = 0):
+    """Each rotation turned by ``degrees`` about a random axis."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    axis = rng.normal(size=(len(rotations), 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    turn = Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix()
+    return np.matmul(turn, rotations)
+
+
+def test_prior_penalty_is_minus_two_log_of_the_gaussians():
+    params = SearchParams(r_align=10, particle_radius_px=10, prior_sigma_deg=2.0,
+                          prior_sigma_shift_px=0.5)
+    centre = euler_to_matrix(10.0, 40.0, 70.0)
+    rotations = _tilted(np.repeat(centre[None], 3, axis=0), 3.0)
+    origins = np.array([[0.0, 0.0], [0.5, 0.0], [0.3, -0.4]])
+    got = prior_penalty(params, rotations, origins, centre, np.zeros(2))
+    np.testing.assert_allclose(got, (3.0 / 2.0) ** 2 + np.sum(origins ** 2, axis=1) / 0.25)
+    assert np.all(prior_penalty(SearchParams(r_align=10, particle_radius_px=10), rotations,
+                                origins, centre, np.zeros(2)) == 0)
+
+
+def test_the_prior_pulls_the_search_toward_its_centre(demo_map, tmp_path):
+    """Particles searched locally around their true poses under a weak likelihood (noise
+    variance 100 per pixel): with no prior they keep them; a prior centred 6° away pulls them
+    to it (σ 0.5°: to within the 1.9° grid of its centre; σ 2°: part of the way, as a posterior
+    between the two), and the errors it returns include the penalty."""
+    from helpers import downsample_to_32
+
+    from dask_refine.core.noise import noise_weights
+    from dask_refine.core.pose_search import ParticleData, amplitude_envelope, branch_and_bound
+    from dask_refine.core.projection import prepare_reference_rfft
+    from dask_refine.core.backprojection import observed_rfft, particle_ctfs
+
+    volume, px = demo_map
+    small, px = downsample_to_32(volume), 2 * px
+    store = simulate_store(small, px, tmp_path / "p.zarr", SimulationConfig(
+        n_particles=6, snr=np.inf, chunk_size=6, seed=1, shift_sigma_A=0.0))
+    meta = store.optics_metadata()
+    truth = store.read_column("rotation", group=GROUND_TRUTH)
+    scale = store.read_column("scale", group=GROUND_TRUTH)
+    ref = prepare_reference_rfft(small)
+    data = ParticleData(observed_rfft(store.images[:], meta, px), particle_ctfs(meta, 32, px),
+                        scale, noise_weights(np.full(17, 1e2), 32))
+    params = SearchParams(r_align=14, particle_radius_px=12, first_level=3, last_level=5,
+                          max_shift_px=1.0, local=True, local_level=3)
+    free = branch_and_bound(ref, data, params, prior_rotation=truth,
+                            envelope=amplitude_envelope(ref, 32))
+    assert np.median(angular_distance_deg(free.rotation, truth)) < 2.0
+    away = _tilted(truth, 6.0, seed=3)
+    distance = {}
+    for sigma in (0.5, 2.0):
+        pulled = branch_and_bound(ref, data, SearchParams(**{**params.__dict__,
+                                                             "prior_sigma_deg": sigma}),
+                                  prior_rotation=truth, envelope=amplitude_envelope(ref, 32),
+                                  prior_centre=(away, np.zeros((6, 2))))
+        distance[sigma] = np.median(angular_distance_deg(pulled.rotation, away))
+        assert np.all(pulled.error > free.error)
+    assert distance[0.5] < 2.5 < distance[2.0] < 5.5
+
+
+@pytest.mark.parametrize("focus", [False, True], ids=["priors", "priors_and_focus_mask"])
+def test_local_refinement_starts_from_the_stores_poses(tmp_path, demo_map, focus):
+    """The store's poses 4° off the truth: a local refinement keeps to their neighbourhood
+    from its first iteration and brings them closer; a focus mask is the references' mask."""
+    from helpers import downsample_to_32
+
+    from dask_refine.core.masks import soft_sphere_mask
+    from dask_refine.io.mrc import read_map, write_map
+    from dask_refine.jobs.refine import RefineConfig, run_refine
+
+    volume, px = demo_map
+    small, px = downsample_to_32(volume), 2 * px
+    store = simulate_store(small, px, tmp_path / "p.zarr", SimulationConfig(
+        n_particles=160, snr=1.0, chunk_size=80, seed=8), write_poses=True)
+    truth = store.read_column("rotation", group=GROUND_TRUTH)
+    store.write_column("rotation", _tilted(truth, 4.0))
+    write_map(tmp_path / "initial.mrc", small, px)
+    mask = soft_sphere_mask(32, 9.0, 3.0, centre_px=(0, 0, 3)).astype(np.float32)
+    write_map(tmp_path / "focus.mrc", mask, px)
+    summary = run_refine(RefineConfig(
+        store=str(store.path), initial_map=str(tmp_path / "initial.mrc"),
+        out_dir=str(tmp_path / "out"), max_iterations=2, local_refinement=True,
+        initial_lowpass_A=12.0, focus_mask=str(tmp_path / "focus.mrc") if focus else None),
+        log=lambda m: None)
+    first = np.load(tmp_path / "out" / "iterations" / "iter_001" / "poses.npz")
+    last = np.load(tmp_path / "out" / "iterations" / f"iter_{summary['iterations']:03d}"
+                   / "poses.npz")
+    assert np.percentile(angular_distance_deg(first["rotation"], truth), 95) < 15.0
+    assert (np.median(angular_distance_deg(last["rotation"], truth))
+            < 0.8 * np.median(angular_distance_deg(store.read_column("rotation"), truth)))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "iterations.csv")))
+    assert all(int(r["local_search"]) == 1 for r in rows)
+    if focus:
+        used, _ = read_map(tmp_path / "out" / "iterations" / "iter_001" / "mask.mrc")
+        np.testing.assert_allclose(used, mask)
