@@ -149,9 +149,10 @@ def local_resolution(half_a, half_b, pixel_size_A: float, sampling_A: float = 25
     edge_px = relion_round((sampling_A if edge_width_A is None else edge_width_A) / pixel_size_A)
     randomize_at = int(box * pixel_size_A / randomize_at_A)
     rng = np.random.default_rng(seed)
-    rand_a = randomize_phases_beyond(a, randomize_at, rng)
-    rand_b = randomize_phases_beyond(b, randomize_at, rng)
+    rand_a = randomize_phases_beyond(a, randomize_at, rng).astype(np.float32)
+    rand_b = randomize_phases_beyond(b, randomize_at, rng).astype(np.float32)
     randomized_unmasked = fsc(rand_a, rand_b)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
     f_sum = centred_rfftn(0.5 * (a + b), 3)
     if mtf is not None:
         f_sum = divide_by_mtf(f_sum, box, pixel_size_A, mtf)
@@ -170,8 +171,9 @@ def local_resolution(half_a, half_b, pixel_size_A: float, sampling_A: float = 25
                 if np.sqrt(kk * kk + ii * ii + jj * jj) >= reach:
                     continue
                 window = soft_sphere_mask(box, radius_px, edge_px, centre_px=(kk, ii, jj))
-                masked = fsc(a * window, b * window)
-                randomized = fsc(rand_a * window, rand_b * window)
+                narrow = window.astype(np.float32)  # single-precision transforms: 2× faster
+                masked = fsc(a32 * narrow, b32 * narrow)
+                randomized = fsc(rand_a * narrow, rand_b * narrow)
                 for curve in (masked, randomized):  # RELION: an FSC at the origin ≤ 0 is 1
                     curve[0] = curve[0] if curve[0] > 0 else 1.0
                 true = noise_substituted_fsc(masked, randomized, randomized_unmasked,
