@@ -111,6 +111,18 @@ def translate_rfft(images_rfft, shifts_px):
     return images_rfft * ramp_x * ramp_y
 
 
+def translate_volume(volume, shift_px):
+    """A real volume ``(D, D, D)`` with its content moved by ``shift_px`` = (x, y, z) pixels
+    (the transform of ``volume(r − shift)``, periodic), by a phase ramp as :func:`translate_rfft`."""
+    xp = array_module(volume)
+    box = volume.shape[-1]
+    kz, ky, kx = rfft_frequencies(box, 3, xp)
+    sx, sy, sz = (float(v) for v in shift_px)
+    ramp = xp.exp((-2j * xp.pi / box) * (kx * sx + ky * sy + kz * sz))
+    out = centred_irfftn(centred_rfftn(xp.asarray(volume, xp.float64), 3) * ramp, 3, box)
+    return out.astype(volume.dtype)
+
+
 def pad_centred(a, new_size: int, ndim: int):
     """Zero-pad the last ``ndim`` axes from ``D`` to ``new_size`` keeping index D//2 at new_size//2."""
     xp = array_module(a)

@@ -484,8 +484,7 @@ def export_cs(store: ParticleStore, cs_path, poses: dict | None = None,
     derived = {} if raw is None else _columns(raw, f"{store.path} ({CS_GROUP}/)", px)
     if raw is not None and "blob/psize_A" in raw_names:
         derived["pixel_size_A"] = _pixel_sizes(raw, str(store.path))
-    current["pixel_size_A"] = (store.read_column("image_pixel_size_A")
-                               if store.has_column("image_pixel_size_A") else np.full(n, px))
+    current["pixel_size_A"] = store.image_pixel_sizes()
     fields: dict[str, np.ndarray] = {}
     types: dict[str, tuple] = {}  # new fields, or fields whose dtype had to change
 

@@ -323,6 +323,13 @@ class ParticleStore:
                                       self.info.pixel_size_A))
         return meta
 
+    def image_pixel_sizes(self) -> np.ndarray:
+        """``(N,)`` each particle's image pixel size (its optics group's; the store's where
+        the groups agree)."""
+        if self.has_column("image_pixel_size_A"):
+            return self.read_column("image_pixel_size_A")
+        return np.full(self.info.n_particles, self.info.pixel_size_A)
+
     def poses(self, overrides: dict | None = None) -> dict[str, np.ndarray]:
         """Pose columns for an export: ``overrides`` (e.g. a job's refined ``rotation``,
         ``shift_A``, ``scale``, ``class_id``) completed by the store's own columns of those

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core.backprojection import CTF_PARAMETERS, FourierSums, particle_ctfs
 from ..core.filters import lowpass_filter
-from ..core.fourier import centred_rfftn
+from ..core.fourier import centred_rfftn, translate_volume
 from ..core.fsc import (fsc, mask_corrected_fsc, resolution_at_threshold, shell_resolution_A,
                         ssnr_from_fsc, within_band)
 from ..core.masks import soft_sphere_mask
@@ -85,7 +85,7 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
                "defocus_range_A", "per_group_ctf", "higher_order_aberrations_from_A",
                "ctf_refine_from_A", "dynamic_mask", "local_refinement", "prior_sigma_deg",
-               "prior_sigma_shift_A", "focus_mask")
+               "prior_sigma_shift_A", "focus_mask", "fulcrum_A")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
 #: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
@@ -98,7 +98,7 @@ LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
                    "higher_order_aberrations_from_A": 4.0, "dynamic_mask": None,
                    "local_refinement": False, "prior_sigma_deg": 5.0,
-                   "prior_sigma_shift_A": 3.0, "focus_mask": None}
+                   "prior_sigma_shift_A": 3.0, "focus_mask": None, "fulcrum_A": None}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -234,6 +234,9 @@ class RefineConfig:
     prior_sigma_deg: float = 5.0
     prior_sigma_shift_A: float = 3.0
     focus_mask: str | None = None
+    # the centre the local searches rotate about, (x, y, z) Å from the box centre (None: the
+    # focus mask's centre of mass, else the box centre)
+    fulcrum_A: tuple[float, float, float] | None = None
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
@@ -410,24 +413,49 @@ def _initial_state(config, store, volumes, meta, radius_px, sample: int = 512) -
     state = State(0, references, noise, np.ones(n), None, np.zeros((n, 2)),
                   r_align, config.initial_lowpass_A, math.inf, 0)
     if config.local_refinement:  # from the store's poses, locally, the prior's width known
-        rotation, origin_px = input_poses(store)
+        rotation, origin_px = input_poses(store, fulcrum_px(config, box, px))
         state = replace(state, rotation=rotation, origin_px=origin_px, local=True,
                         angular_accuracy_deg=config.prior_sigma_deg)
     return state
 
 
-def input_poses(store) -> tuple[np.ndarray, np.ndarray]:
-    """The store's poses, ``rotation (N, 3, 3)`` and origins in each particle's pixels, for a
-    local refinement (an error names what is missing)."""
+def fulcrum_px(config: RefineConfig, box: int, px: float) -> np.ndarray | None:
+    """A local refinement's centre of rotation, (x, y, z) pixels from the box centre: the
+    given ``fulcrum_A``, else the focus mask's centre of mass; None: the box centre."""
+    if not config.local_refinement:
+        return None
+    if config.fulcrum_A is not None:
+        return np.asarray(config.fulcrum_A, np.float64) / px
+    if config.focus_mask:
+        mask = read_user_mask(config.focus_mask, box, px).astype(np.float64)
+        z, y, x = (np.indices(mask.shape) - box // 2).astype(np.float64)
+        return np.array([(c * mask).sum() for c in (x, y, z)]) / mask.sum()
+    return None
+
+
+def fulcrum_shift_px(rotation, fulcrum) -> np.ndarray:
+    """``(N, 2)``: how far the fulcrum's projection lies from the box centre in each particle's
+    image, ``(A c)_xy``. Against the map moved so that the fulcrum sits at the centre
+    (V'(r) = V(r + c)), a particle's origin is its origin against V less this (the slice of V'
+    at A is the slice of V times e^{2πi k·(Ac)/D}, docs/design.md §3)."""
+    if fulcrum is None:
+        return np.zeros((len(rotation), 2))
+    return np.einsum("nij,j->ni", np.asarray(rotation, np.float64), fulcrum)[:, :2]
+
+
+def input_poses(store, fulcrum=None) -> tuple[np.ndarray, np.ndarray]:
+    """The store's poses, ``rotation (N, 3, 3)`` and origins in each particle's pixels (against
+    the map moved to the ``fulcrum``, :func:`fulcrum_shift_px`), for a local refinement (an
+    error names what is missing)."""
     missing = [c for c in ("rotation", "shift_A") if not store.has_column(c)]
     if missing:
         raise InputError(store.path, f"no {', '.join(missing)} column(s); local refinement "
                          "starts from the particles' poses (import a STAR or .cs with angles and "
                          "origins, or a previous job's particles.star)")
     shift_A = store.read_column("shift_A")
-    image_px = (store.read_column("image_pixel_size_A") if store.has_column("image_pixel_size_A")
-                else np.full(shift_A.shape[0], store.info.pixel_size_A))
-    return store.read_column("rotation"), shift_A / image_px[:, None]
+    image_px = store.image_pixel_sizes()
+    rotation = store.read_column("rotation")
+    return rotation, shift_A / image_px[:, None] - fulcrum_shift_px(rotation, fulcrum)
 
 
 def _search_params(config, state: State, box: int, radius_px: float, max_shift_px: float):
@@ -642,7 +670,7 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
         step_meta["rotation"] = state.rotation
     if config.local_refinement:  # where the priors are centred: the poses the run started from
         step_meta["prior_centre_rotation"], step_meta["prior_centre_origin_px"] = \
-            input_poses(store)
+            input_poses(store, fulcrum_px(config, box, px))
     n_threads = sum(client.nthreads().values()) if client is not None else 1
     graph = refine_graph(store.images, step_meta, groups, 2 * n_classes * folds,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
@@ -697,6 +725,9 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     solvent_path = config.focus_mask or config.masks.mask_path
     user_mask = (read_user_mask(solvent_path, box, px).astype(np.float32)
                  if solvent_path else None)
+    fulcrum = fulcrum_px(config, box, px)
+    if user_mask is not None and fulcrum is not None:  # into the fulcrum's frame
+        user_mask = np.clip(translate_volume(user_mask, -fulcrum), 0.0, 1.0)
     references, per_class, resolutions, alignment = [], [], [], []
     for k in range(n_classes):
         a, b = 2 * k, 2 * k + 1
@@ -844,6 +875,9 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
         log(f"resuming after iteration {state.iteration} "
             f"(resolution {state.resolution_A:.2f} Å)")
     else:
+        fulcrum = fulcrum_px(config, box, px)
+        if fulcrum is not None:  # the local searches turn the map about its fulcrum
+            volumes = [translate_volume(v, -fulcrum) for v in volumes]
         state = _initial_state(config, store, volumes, meta, radius_px)
     finished = state.iteration > 0 and (state.stale >= config.patience
                                         or state.iteration >= config.max_iterations)
@@ -917,6 +951,14 @@ def _write_class_outputs(config, info, last: Path, where: Path, rotation=None,
     full = read_map(where / "map.mrc")[0]
     # the last iteration's solvent mask (dynamic or the user's), else the sphere
     iteration_mask = read_map(last / "mask.mrc")[0] if (last / "mask.mrc").exists() else None
+    fulcrum = fulcrum_px(config, info.box_size, px)
+    if fulcrum is not None:  # from the fulcrum's frame (the iterations') back to the box's
+        halves = [translate_volume(h, fulcrum) for h in halves]
+        full = translate_volume(full, fulcrum)
+        for name, volume in zip(("half_A.mrc", "half_B.mrc", "map.mrc"), (*halves, full)):
+            write_map(where / name, volume, px)
+        if iteration_mask is not None:
+            iteration_mask = np.clip(translate_volume(iteration_mask, fulcrum), 0.0, 1.0)
     mask = final_mask(config.masks, full, px, where,
                       fallback=(_particle_mask(config, info.box_size, px)
                                 if iteration_mask is None else iteration_mask))
@@ -989,10 +1031,10 @@ def _write_final_outputs(config, store, outputs, state: State, elapsed: float) -
         **{name: [r.get(name, math.nan) for r in rows] for name in ITERATION_STATISTICS},
         **per_class,
     })
-    # origins in Å at each particle's own pixel size (its optics group's)
-    image_px = (store.read_column("image_pixel_size_A") if store.has_column("image_pixel_size_A")
-                else np.full(info.n_particles, info.pixel_size_A))
-    poses = {"rotation": state.rotation, "shift_A": state.origin_px * image_px[:, None],
+    image_px = store.image_pixel_sizes()  # origins in Å at each particle's own pixel size
+    origin_px = state.origin_px + fulcrum_shift_px(  # back from the fulcrum's frame
+        state.rotation, fulcrum_px(config, info.box_size, info.pixel_size_A))
+    poses = {"rotation": state.rotation, "shift_A": origin_px * image_px[:, None],
              "scale": state.scale}
     with np.load(last / "poses.npz") as arrays:
         poses.update({k: arrays[k] for k in POSTERIOR_FIELDS})

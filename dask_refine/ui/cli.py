@@ -370,6 +370,7 @@ def cmd_refine(args) -> int:
         prior_sigma_deg=getattr(args, "prior_sigma_deg", 5.0),
         prior_sigma_shift_A=getattr(args, "prior_sigma_shift_A", 3.0),
         focus_mask=getattr(args, "focus_mask", None),
+        fulcrum_A=tuple(args.fulcrum) if getattr(args, "fulcrum", None) else None,
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
         config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
@@ -518,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="mask the references with it every iteration: the particles are "
                            "aligned on the masked region (the rest of each image stays, as "
                            "structured noise; subtract it first for a small region)")
+            g.add_argument("--fulcrum", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                           help="centre of rotation of the local searches, Å from the box "
+                           "centre (default: the focus mask's centre of mass)")
         p.add_argument("--out", required=True, help="output folder (also the checkpoint), or an "
                        "object-store URL (s3://…, gs://…) the outputs are uploaded to")
         p.add_argument("--initial-lowpass-A", type=float, default=d.initial_lowpass_A, metavar="Å",
