@@ -108,7 +108,7 @@ def test_local_refinement_starts_from_the_stores_poses(tmp_path, demo_map, focus
     volume, px = demo_map
     small, px = downsample_to_32(volume), 2 * px
     store = simulate_store(small, px, tmp_path / "p.zarr", SimulationConfig(
-        n_particles=160, snr=1.0, chunk_size=80, seed=8), write_poses=True)
+        n_particles=120, snr=1.0, chunk_size=60, seed=8), write_poses=True)
     truth = store.read_column("rotation", group=GROUND_TRUTH)
     store.write_column("rotation", _tilted(truth, 4.0))
     write_map(tmp_path / "initial.mrc", small, px)
