@@ -294,3 +294,24 @@ def test_gpu_benchmark_runs_on_the_cpu_backend(tmp_path):
     assert all(r["particles_per_s"] > 0 for r in rows)
     refine = next(r for r in rows if r["task"] == "refinement E-step")
     assert refine["median_angular_error_deg"] < 10.0
+
+
+def test_gpu_check_script_says_no_gpu_in_one_line_and_exits_2(tmp_path):
+    """benchmarks/gpu_check.sh on a machine without an NVIDIA GPU: one line, exit status 2,
+    nothing installed (with a stand-in nvidia-smi that lists no GPU, whatever this machine has)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}",
+               GPU_CHECK_VENV=str(tmp_path / "venv"))
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip().count("\n") == 0 and "no NVIDIA GPU" in done.stdout
+    assert not (tmp_path / "venv").exists()
