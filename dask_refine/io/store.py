@@ -65,6 +65,7 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "mag_matrix": ("float64", (2, 2)),
     "ctf_phase_flipped": ("int8", ()),
     "image_pixel_size_A": ("float64", ()),
+    "source_row": ("int64", ()),
 }
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                "bfactor_A2", "voltage_kV", "cs_mm", "amplitude_contrast")
@@ -222,7 +223,7 @@ class ParticleStore:
 
     def _validate(self) -> None:
         info = self.info
-        if "images" not in self._group_arrays():
+        if "images" not in self._group_arrays() and not self.group.attrs.get(SHARED_IMAGES):
             raise InputError(self.path, "has no 'images' array")
         shape = self.images.shape
         if shape != (info.n_particles, info.box_size, info.box_size):
@@ -244,12 +245,19 @@ class ParticleStore:
     @property
     def info(self) -> StoreInfo:
         a = self.group.attrs
+        shared = a.get(SHARED_IMAGES)
+        chunk = int(shared["chunk_rows"]) if shared else int(self.images.chunks[0])
         return StoreInfo(int(a["n_particles"]), int(a["box_size"]), float(a["pixel_size_A"]),
-                         int(self.images.chunks[0]))
+                         chunk)
 
     # ---- images -------------------------------------------------------------------------------
     @property
     def images(self) -> zarr.Array:
+        shared = self.group.attrs.get(SHARED_IMAGES)
+        if shared:  # another store's images, rows repeated (a symmetry expansion)
+            source = ParticleStore.open(shared["path"], storage_options=self.storage_options)
+            return SharedImages(source.images, self.read_column(SOURCE_ROW),
+                                int(shared.get("chunk_rows", source.info.chunk_size)))
         arrays = self._group_arrays()
         if "images" not in arrays:
             raise InputError(self.path, "has no 'images' array")
@@ -262,12 +270,16 @@ class ParticleStore:
         as its location (a folder, or a URL with its storage options), never an open handle."""
         import dask.array as da
 
-        arr = da.from_zarr(self.images)
+        images = self.images
+        arr = (da.from_array(images, chunks=images.chunks) if isinstance(images, SharedImages)
+               else da.from_zarr(images))
         if chunk_size and chunk_size != arr.chunks[0][0]:
             arr = arr.rechunk({0: chunk_size})
         return arr
 
     def write_images(self, start: int, images: np.ndarray) -> None:
+        if self.group.attrs.get(SHARED_IMAGES):
+            raise InputError(self.path, "shares another store's images; they cannot be written")
         self.images[start:start + images.shape[0]] = np.asarray(images, dtype=np.float32)
 
     # ---- columns ----------------------------------------------------------------------------
@@ -339,6 +351,60 @@ class ParticleStore:
             if name not in poses and self.has_column(name):
                 poses[name] = self.read_column(name)
         return poses
+
+
+#: A store that shares another's images (attribute: ``{"path": …, "chunk_rows": …}``), and the
+#: column naming each of its rows' row in that store.
+SHARED_IMAGES = "shared_images"
+SOURCE_ROW = "source_row"
+
+
+class SharedImages:
+    """Read-only rows of another store's image stack: row ``i`` is row ``source_rows[i]`` of
+    ``source`` (a zarr array), read when sliced, never copied. Slices like the zarr array the
+    jobs read (``shape``, ``dtype``, ``chunks``, ``[rows]``, ``get_orthogonal_selection``) and
+    pickles as the source's location and the row map."""
+
+    def __init__(self, source, source_rows, chunk_rows: int):
+        self.source = source
+        self.source_rows = np.asarray(source_rows, np.int64)
+        self.shape = (self.source_rows.size,) + tuple(source.shape[1:])
+        self.dtype = source.dtype
+        self.ndim = len(self.shape)
+        self.chunks = (max(1, int(chunk_rows)),) + tuple(source.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, rows) -> np.ndarray:
+        src = self.source_rows[np.asarray(rows, np.int64)]
+        if src.size == 0:
+            return np.zeros((0,) + self.shape[1:], self.dtype)
+        lo, hi = int(src.min()), int(src.max()) + 1
+        if hi - lo <= 2 * src.size:  # nearly contiguous: one range read
+            return np.asarray(self.source[lo:hi])[src - lo]
+        unique, inverse = np.unique(src, return_inverse=True)
+        block = np.asarray(self.source.get_orthogonal_selection(
+            (unique,) + (slice(None),) * (self.ndim - 1)))
+        return block[inverse.ravel()]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rows = np.arange(self.shape[0])[key[0]]
+        out = self._rows(np.atleast_1d(rows))
+        if np.ndim(rows) == 0:
+            out = out[0]
+            return out[key[1:]] if len(key) > 1 else out
+        return out[(slice(None),) + key[1:]] if len(key) > 1 else out
+
+    def get_orthogonal_selection(self, selection):
+        rows, *rest = selection if isinstance(selection, tuple) else (selection,)
+        out = self._rows(np.arange(self.shape[0])[rows])
+        return out[(slice(None),) + tuple(rest)] if rest else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._rows(np.arange(self.shape[0]))
+        return out if dtype is None else out.astype(dtype)
 
 
 def assign_half_sets(n_particles: int, seed: int = 0) -> np.ndarray:

@@ -310,6 +310,16 @@ def cmd_export_cs(args) -> int:
     return _exported(export_cs, args.store, args.cs)
 
 
+def cmd_expand_symmetry(args) -> int:
+    from ..io.expand import expand_symmetry
+    from ..io.store import ParticleStore
+
+    expanded = expand_symmetry(ParticleStore.open(args.store), args.out, args.symmetry)
+    print(f"wrote {args.out}: {expanded.info.n_particles} rows "
+          f"({expanded.attrs['provenance']['copies']} per particle, images shared)")
+    return 0
+
+
 def cmd_reconstruct(args) -> int:
     from ..jobs.reconstruct import ReconstructConfig, run_reconstruct
 
@@ -478,6 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help=STORE_HELP)
     p.add_argument("cs", help=".cs file to write")
     p.set_defaults(func=cmd_export_cs)
+
+    p = sub.add_parser("expand-symmetry", help="symmetry-expand a store's particles (RELION's "
+                       "relion_particle_symmetry_expand): |G| rows per particle, one per "
+                       "symmetry-related pose, the images shared with the source store")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument("out", help="the new store (export it with export-star / export-cs)")
+    p.add_argument("--symmetry", "--sym", required=True,
+                   help="point group: Cn, Dn, T, O, I (RELION's axis conventions)")
+    p.set_defaults(func=cmd_expand_symmetry)
 
     from ..jobs.refine import RefineConfig
 
