@@ -32,6 +32,7 @@ from .pose_search import ParticleData, SearchParams, band_pixels, branch_and_bou
 from .posterior import class_evidence, significant_poses, softmax
 from .projection import extract_central_slices_rfft, insert_central_slices_rfft
 from .rotations import angular_distance_deg
+from .symmetry import symmetry_operators
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class EStepOptions:
     (``meta["optics_group"]``, 0-based; ``StepResult.phase_sums``, ``StepResult.even_sums``);
     ``fit_magnification`` the normal equations of the anisotropic magnification
     (``StepResult.mag_sums``).
+    ``relax_symmetry`` (a point group; local searches only): symmetry relaxation
+    (cryoSPARC's "maximization", RELION's ``--relax_sym``): before its local search each
+    particle's prior pose A moves to the symmetry-related pose A·R_k that fits the
+    (lower-symmetry) reference best, and the centre of its Gaussian prior to the copy of the
+    input pose nearest to that (:func:`relaxed_priors`).
     """
 
     n_classes: int = 1
@@ -84,6 +90,7 @@ class EStepOptions:
     defocus_astigmatism: bool = False
     fit_beam_tilt: bool = False
     fit_magnification: bool = False
+    relax_symmetry: str | None = None
 
 
 @dataclass
@@ -276,6 +283,27 @@ def _ctf_evidence(out: StepResult, rows, x, ctf, scale, meta, references, class_
                     centred[at], slices[at], scaled_ctf[at], class_weights[k]))
 
 
+def relaxed_priors(reference, data: ParticleData, rotations, origins_px, centre,
+                   r_align: float, symmetry: str):
+    """Symmetry relaxation's starting poses: for each particle the rotation ``A·R_k`` (R_k in
+    ``symmetry``, identity included) with the smallest error against ``reference`` at its
+    origin, and the Gaussian prior's centre (if any) moved to the copy ``A₀·R_j`` of its input
+    pose nearest to that. Returns ``(rotations (B, 3, 3), centre)``."""
+    operators = symmetry_operators(symmetry)
+    out = np.array(rotations, np.float64)
+    new_centre = None if centre is None else (np.array(centre[0], np.float64), centre[1])
+    for b in range(out.shape[0]):
+        copies = np.matmul(out[b], operators)
+        errors = pose_errors(reference, data, b, copies,
+                             np.repeat(np.asarray(origins_px)[b][None], len(operators), axis=0),
+                             r_align)
+        out[b] = copies[int(np.argmin(errors))]
+        if new_centre is not None:
+            centres = np.matmul(new_centre[0][b], operators)
+            new_centre[0][b] = centres[int(np.argmin(angular_distance_deg(centres, out[b])))]
+    return out, new_centre
+
+
 def add_group_sums(by_group: dict | None, group: int, sums) -> dict:
     """``by_group`` (None: new) with ``sums`` (an array or a dict of arrays) added to its
     ``group``'s: per-optics-group evidence, summed over particles and batches."""
@@ -362,8 +390,13 @@ def refine_particles(sums: FourierSums, images, meta: dict, groups, references, 
         centre = (None if "prior_centre_rotation" not in meta else
                   (np.asarray(meta["prior_centre_rotation"])[sel_host],
                    np.asarray(meta["prior_centre_origin_px"])[sel_host]))
+        start = None if prior_rot is None else np.asarray(prior_rot)[sel_host]
+        if options.relax_symmetry and params.local and start is not None:
+            start, centre = relaxed_priors(references[own_group[0]], data[0], start,
+                                           prior_origin[sel_host], centre, params.r_align,
+                                           options.relax_symmetry)
         found = [branch_and_bound(references[own_group[k]], data[k], params,
-                                  prior_rotation=None if prior_rot is None else prior_rot[sel],
+                                  prior_rotation=start,
                                   prior_origin_px=prior_origin[sel],
                                   envelope=envelopes[own_group[k]], prior_centre=centre)
                  for k in range(k_total)]

@@ -85,7 +85,7 @@ RESUME_KEYS = ("store", "initial_map", "n_classes", "soft_classes", "cross_half_
                "alignment_folds", "per_particle_defocus", "per_particle_astigmatism",
                "defocus_range_A", "per_group_ctf", "higher_order_aberrations_from_A",
                "ctf_refine_from_A", "dynamic_mask", "local_refinement", "prior_sigma_deg",
-               "prior_sigma_shift_A", "focus_mask", "fulcrum_A")
+               "prior_sigma_shift_A", "focus_mask", "fulcrum_A", "relax_symmetry")
 #: The fold-out references of an iteration, in its folder (``(2K·F, D, D, D)`` float32).
 ALIGNMENT_REFERENCES = "alignment_references.npy"
 #: Folds per half set when ``alignment_folds`` is automatic, and the memory their sums may take
@@ -98,7 +98,8 @@ LEGACY_SETTINGS = {"alignment_folds": 1, "per_particle_defocus": False,
                    "per_group_ctf": False, "ctf_refine_from_A": 8.0,
                    "higher_order_aberrations_from_A": 4.0, "dynamic_mask": None,
                    "local_refinement": False, "prior_sigma_deg": 5.0,
-                   "prior_sigma_shift_A": 3.0, "focus_mask": None, "fulcrum_A": None}
+                   "prior_sigma_shift_A": 3.0, "focus_mask": None, "fulcrum_A": None,
+                   "relax_symmetry": None}
 #: Per-iteration figures of the E-step's posteriors and of outliers, in iterations.csv.
 ITERATION_STATISTICS = ("far_jump_fraction", "median_significant_poses", "mean_max_posterior",
                         "angular_accuracy_deg", "outlier_fraction", "scale_iqr",
@@ -237,6 +238,9 @@ class RefineConfig:
     # the centre the local searches rotate about, (x, y, z) Å from the box centre (None: the
     # focus mask's centre of mass, else the box centre)
     fulcrum_A: tuple[float, float, float] | None = None
+    # symmetry relaxation (cryoSPARC's, RELION's --relax_sym): each local search starts from
+    # the best of the particle's poses related by this group (the map refined in C1 or lower)
+    relax_symmetry: str | None = None
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     pad: int = DEFAULT_PAD
     chunk_size: int | None = None
@@ -331,6 +335,8 @@ def _check_inputs(config: RefineConfig, store: ParticleStore):
                              f"pixel size {info.pixel_size_A:.4g} Å")
         volumes.append(volume)
     check_symmetry(config.symmetry)
+    if config.relax_symmetry:
+        check_symmetry(config.relax_symmetry)
     for path in (config.masks.mask_path, config.focus_mask):
         if path:
             read_user_mask(path, info.box_size, info.pixel_size_A)
@@ -541,7 +547,8 @@ def _estep_options(config, state: State) -> EStepOptions:
                                          and refine_ctf else 0.0),
                         defocus_astigmatism=config.per_particle_astigmatism,
                         fit_beam_tilt=config.per_group_ctf and refine_ctf,
-                        fit_magnification=config.per_group_ctf and refine_ctf)
+                        fit_magnification=config.per_group_ctf and refine_ctf,
+                        relax_symmetry=config.relax_symmetry)
 
 
 def outlier_fraction(log_likelihood) -> float:

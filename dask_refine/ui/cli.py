@@ -381,6 +381,7 @@ def cmd_refine(args) -> int:
         prior_sigma_shift_A=getattr(args, "prior_sigma_shift_A", 3.0),
         focus_mask=getattr(args, "focus_mask", None),
         fulcrum_A=tuple(args.fulcrum) if getattr(args, "fulcrum", None) else None,
+        relax_symmetry=getattr(args, "relax_symmetry", None),
         cluster=_cluster(args))
     summary = _run_job(args, lambda client: run_refine(
         config, client=client, log=lambda m: print(m, file=sys.stderr), progress=_progress_bar))
@@ -538,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="mask the references with it every iteration: the particles are "
                            "aligned on the masked region (the rest of each image stays, as "
                            "structured noise; subtract it first for a small region)")
+            g.add_argument("--relax-symmetry", metavar="G",
+                           help="symmetry relaxation: each local search starts from the best of "
+                           "the particle's poses related by G (poses from a refinement in G, "
+                           "the map now in a lower group; cryoSPARC's, RELION's --relax_sym)")
             g.add_argument("--fulcrum", type=float, nargs=3, metavar=("X", "Y", "Z"),
                            help="centre of rotation of the local searches, Å from the box "
                            "centre (default: the focus mask's centre of mass)")
