@@ -25,10 +25,17 @@ def posed(tmp_path_factory, demo_map):
     return root, store, px
 
 
-def test_expansion_repeats_every_column_and_shares_the_images(posed):
+@pytest.fixture(scope="module")
+def c4(posed):
+    """The posed store's C4 expansion, and the source's file listing before it."""
     root, store, _ = posed
     before = sorted(p.name for p in (root / "p.zarr").rglob("*"))
-    expanded = expand_symmetry(store, root / "c4.zarr", "C4")
+    return expand_symmetry(store, root / "c4.zarr", "C4"), before
+
+
+def test_expansion_repeats_every_column_and_shares_the_images(posed, c4):
+    root, store, _ = posed
+    expanded, before = c4
     assert sorted(p.name for p in (root / "p.zarr").rglob("*")) == before  # source untouched
     assert expanded.info.n_particles == 480
     assert not (root / "c4.zarr" / "images").exists()  # shared, not copied
@@ -47,17 +54,17 @@ def test_expansion_repeats_every_column_and_shares_the_images(posed):
         expand_symmetry(store, root / "bad.zarr", "Q7")
 
 
-def test_reconstruction_of_the_expansion_is_the_symmetrised_one(posed):
-    """Reconstructing the C3-expanded particles in C1 inserts each image at its three
+def test_reconstruction_of_the_expansion_is_the_symmetrised_one(posed, c4):
+    """Reconstructing the C4-expanded particles in C1 inserts each image at its four
     symmetry-related poses: the map equals the original particles' reconstruction with the
-    sums symmetrised (RELION's --sym C3)."""
+    sums symmetrised (RELION's --sym C4)."""
     from dask_refine.core.backprojection import FourierSums, backproject_particles
     from dask_refine.jobs.reconstruct import load_pose_metadata, reconstruct_halves_and_full
 
     root, store, px = posed
-    expanded = expand_symmetry(store, root / "c3.zarr", "C3")
+    expanded = c4[0]
     maps = []
-    for s, symmetry in ((store, "C3"), (expanded, "C1")):
+    for s, symmetry in ((store, "C4"), (expanded, "C1")):
         meta = load_pose_metadata(s, use_ctf=True)
         sums = backproject_particles(FourierSums.zeros(2, 64), s.images[:], meta,
                                      meta["half_set"], px)
