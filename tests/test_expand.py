@@ -61,7 +61,7 @@ def test_reconstruction_of_the_expansion_is_the_symmetrised_one(posed, c4):
     from dask_refine.core.backprojection import FourierSums, backproject_particles
     from dask_refine.jobs.reconstruct import load_pose_metadata, reconstruct_halves_and_full
 
-    root, store, px = posed
+    _, store, px = posed
     expanded = c4[0]
     maps = []
     for s, symmetry in ((store, "C4"), (expanded, "C1")):
