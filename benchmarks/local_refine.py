@@ -105,8 +105,8 @@ def main():
                                "perturb_deg": args.perturb_deg, "rows": rows}, indent=1))
     print(f"\n{args.n} particles, SNR {args.snr:g}, poses filed {args.perturb_deg:g}° off, "
           f"prior σ {args.prior_sigma_deg:g}°\n")
-    print("| run | gold-std | FSC-to-truth 0.5 | median pose err | 90th pct | largest "
-          "|final − prior| / σ | iterations | wall |")
+    print("| run | gold-std | FSC-to-truth 0.5 | median pose err | 90th pct | farthest from "
+          "its prior (σ) | iterations | wall |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def cell(row, key, fmt):
