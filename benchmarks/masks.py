@@ -23,8 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
-from refine import run_ours
+from refine import fsc_truth, run_ours
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,7 +112,7 @@ def main():
                         / "poses.npz")
         rows[label] = {
             "gold_standard_A": summary["resolution_A"],
-            "fsc_truth_05_A": resolution_at_threshold(fsc(refined, truth), box, px, 0.5),
+            "fsc_truth_05_A": fsc_truth(folder / "map.mrc", truth, px),
             "fsc_truth_in_mask_05_A": resolution_at_threshold(
                 fsc(refined * mask, truth * mask), box, px, 0.5),
             "median_angular_error_deg": float(np.median(angular_distance_deg(

@@ -378,7 +378,7 @@ def magnification_sums(x_centred, slices, ctf_scaled, noise_weight) -> dict:
     without CTF (B, D, H), as the search makes them (magnification included)."""
     xp = array_module(x_centred)
     g = slice_gradients(slices)
-    c = ctf_scaled
+    c = ctf_scaled  # s C
     w = xp.asarray(noise_weight)
     resid = x_centred - c * slices
     gx, gy = g[:, 0], g[:, 1]

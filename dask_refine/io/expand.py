@@ -66,7 +66,7 @@ def expand_symmetry(store: ParticleStore, out_path, symmetry: str) -> ParticleSt
                                np.tile(operators, (n, 1, 1)))
         folder, _, name = path.rpartition("/")
         expanded.write_column(name, values, group=folder or None)
-    if "uid" in dict(expanded.group.get("cs").arrays() if expanded.group.get("cs") else {}):
+    if expanded.has_column("uid", group="cs"):
         # cryoSPARC's uids must stay unique: copy k > 0 of a particle gets a fresh one
         uid = expanded.read_column("uid", group="cs").astype(np.uint64)
         fresh = np.random.default_rng(n * g).integers(1, 2 ** 63, size=n * g, dtype=np.uint64)

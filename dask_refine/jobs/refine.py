@@ -675,9 +675,10 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     step_meta["origin_px"] = state.origin_px
     if params.local:
         step_meta["rotation"] = state.rotation
+    fulcrum = fulcrum_px(config, box, px)  # None unless a local refinement turns about one
     if config.local_refinement:  # where the priors are centred: the poses the run started from
         step_meta["prior_centre_rotation"], step_meta["prior_centre_origin_px"] = \
-            input_poses(store, fulcrum_px(config, box, px))
+            input_poses(store, fulcrum)
     n_threads = sum(client.nthreads().values()) if client is not None else 1
     graph = refine_graph(store.images, step_meta, groups, 2 * n_classes * folds,
                          settings, config.pad, n_chains=config.n_chains or max(1, n_threads),
@@ -732,7 +733,6 @@ def _run_iteration(config, store, meta, groups, state: State, client, radius_px,
     solvent_path = config.focus_mask or config.masks.mask_path
     user_mask = (read_user_mask(solvent_path, box, px).astype(np.float32)
                  if solvent_path else None)
-    fulcrum = fulcrum_px(config, box, px)
     if user_mask is not None and fulcrum is not None:  # into the fulcrum's frame
         user_mask = np.clip(translate_volume(user_mask, -fulcrum), 0.0, 1.0)
     references, per_class, resolutions, alignment = [], [], [], []
