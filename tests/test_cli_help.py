@@ -56,3 +56,15 @@ def test_first_level_candidates_below_one_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "first_level_candidates" in err and "at least 1" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_imports_no_numerical_code():
+    """``dask-refine … --help`` reads the jobs' settings only (``jobs/config.py``,
+    ``io/simulation_config.py``): no job module, Dask, Zarr or Matplotlib is imported, so
+    that it answers at once (docs/benchmarks.md, "Cold start")."""
+    heavy = ("dask_refine.jobs.refine", "dask_refine.jobs.reconstruct", "dask_refine.io.store",
+             "distributed", "zarr", "matplotlib", "numba")
+    code = ("import sys; from dask_refine.ui.cli import build_parser; build_parser(); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -180,3 +180,27 @@ def test_balanced_blocks_give_every_chain_the_same_rows():
         assert rows.sum() == n and rows.max() <= chunk and rows.max() - rows.min() <= 1
         assert rows.size % chains == 0 or rows.size == n < chains, (n, chunk, chains, rows)
     assert np.diff(balanced_bounds(300, 100, 2)).tolist() == [75] * 4  # not 100, 100 | 100
+
+
+def test_small_jobs_run_on_threads_in_this_process_large_ones_on_processes():
+    """The embedded cluster's kind (``use_processes``): what the user asked for, else threads
+    below the work threshold; the in-process cluster runs a graph like any other."""
+    import os
+
+    from dask_refine.parallel.cluster import (IN_PROCESS_MAX_WORK_S, ClusterConfig, dask_client,
+                                              reconstruction_work_s, refinement_work_s,
+                                              use_processes)
+
+    auto = ClusterConfig()
+    assert not use_processes(auto, 0.5 * IN_PROCESS_MAX_WORK_S)
+    assert use_processes(auto, IN_PROCESS_MAX_WORK_S) and use_processes(auto, None)
+    assert use_processes(ClusterConfig(n_workers=2), 0.0)  # worker count asked: processes
+    assert not use_processes(ClusterConfig(processes=False), 1e9)
+    assert use_processes(ClusterConfig(processes=True), 0.0)
+    assert reconstruction_work_s(1500, 64) < IN_PROCESS_MAX_WORK_S  # the cold-start case
+    assert refinement_work_s(3000, 64, 15) > IN_PROCESS_MAX_WORK_S
+    assert reconstruction_work_s(1000, 128) == 4 * reconstruction_work_s(1000, 64)
+    with dask_client(ClusterConfig(dashboard_address=None), work_s=1.0) as client:
+        assert client.cluster.processes is False
+        assert sum(client.nthreads().values()) == len(os.sched_getaffinity(0))
+        assert client.submit(sum, [1, 2, 3]).result() == 6

@@ -6,6 +6,8 @@ Frequency of shell i: ``i / (D · pixel_size_A)`` 1/Å; resolution ``D · pixel_
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .backend import array_module, to_numpy
@@ -24,11 +26,35 @@ def shell_sums(values_rfft, box_size: int, ndim: int, n_shells: int | None = Non
     """
     xp = array_module(values_rfft)
     n_shells = box_size // 2 + 1 if n_shells is None else n_shells
-    shells = shell_index(box_size, ndim, xp)
+    if xp is np:  # the grid's shells, computed once per box (FSCs of windows call this often)
+        shells, keep = _numpy_shells(box_size, ndim, n_shells)
+    else:
+        shells = shell_index(box_size, ndim, xp)
+        keep = shells < n_shells
+        shells = shells[keep]
     mult = rfft_multiplicity(box_size, ndim, xp)
-    keep = shells < n_shells
-    sums = xp.bincount(shells[keep], weights=(values_rfft * mult)[keep], minlength=n_shells)
+    sums = xp.bincount(shells, weights=(values_rfft * mult)[keep], minlength=n_shells)
     return to_numpy(sums).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=16)
+def shell_index_table(box_size: int, ndim: int) -> np.ndarray:
+    """:func:`shell_index` on NumPy, computed once per box and shared: read-only."""
+    shells = shell_index(box_size, ndim)
+    shells.setflags(write=False)
+    return shells
+
+
+@functools.lru_cache(maxsize=16)
+def _numpy_shells(box_size: int, ndim: int, n_shells: int):
+    """(shell index of each kept coefficient, the keep mask) on the centred rfft grid: the
+    coefficients with ``round(|k|) < n_shells``; read-only, shared between calls."""
+    shells = shell_index_table(box_size, ndim)
+    keep = shells < n_shells
+    kept = shells[keep]
+    for a in (kept, keep):
+        a.setflags(write=False)
+    return kept, keep
 
 
 def fsc(map_a, map_b) -> np.ndarray:
@@ -37,7 +63,12 @@ def fsc(map_a, map_b) -> np.ndarray:
     ``FSC_i = Σ Re(F_a F_b*) / √(Σ|F_a|² Σ|F_b|²)`` over shell i. Shells with no power give 0.
     """
     box = map_a.shape[-1]
-    fa, fb = centred_rfftn(map_a, 3), centred_rfftn(map_b, 3)
+    return fsc_of_transforms(centred_rfftn(map_a, 3), centred_rfftn(map_b, 3), box)
+
+
+def fsc_of_transforms(fa, fb, box_size: int) -> np.ndarray:
+    """:func:`fsc` of two maps given their centred rffts ``(D, D, D//2+1)`` complex."""
+    box = box_size
     num = shell_sums((fa * fb.conj()).real, box, 3)
     den = np.sqrt(shell_sums(abs(fa) ** 2, box, 3) * shell_sums(abs(fb) ** 2, box, 3))
     with np.errstate(invalid="ignore", divide="ignore"):

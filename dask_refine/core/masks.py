@@ -15,12 +15,16 @@ def soft_sphere_mask(box_size: int, radius_px: float, soft_edge_px: float = 5.0,
     ``centre_px``: the sphere's centre as offsets from the box centre, in array-axis order
     (``(z, y, x)``; default the box centre), as RELION's ``raisedCosineMask``.
     """
-    c = xp.arange(box_size) - box_size // 2
-    grids = xp.meshgrid(*([c] * ndim), indexing="ij")
+    c = xp.arange(box_size, dtype=xp.float64) - box_size // 2
     offsets = (0.0,) * ndim if centre_px is None else tuple(float(v) for v in centre_px)
-    r = xp.sqrt(sum((g.astype(xp.float64) - o) ** 2 for g, o in zip(grids, offsets)))
-    edge = xp.clip((r - radius_px) / max(soft_edge_px, 1e-12), 0.0, 1.0)
-    return 0.5 + 0.5 * xp.cos(np.pi * edge)
+    r2 = 0.0  # squared distance, summed axis by axis from broadcast 1-D terms
+    for axis, o in enumerate(offsets):
+        r2 = r2 + ((c - o) ** 2).reshape((-1,) + (1,) * (ndim - 1 - axis))
+    edge = xp.clip((xp.sqrt(r2) - radius_px) / max(soft_edge_px, 1e-12), 0.0, 1.0)
+    mask = xp.ones_like(edge)
+    on_edge = edge > 0  # the cosine only where it is not 1
+    mask[on_edge] = 0.5 + 0.5 * xp.cos(np.pi * edge[on_edge])
+    return mask
 
 
 def soft_mask_outside_map(volume, radius_px: float | None = None, soft_edge_px: float = 3.0):

@@ -9,7 +9,6 @@ gives the per-iteration, solvent-corrected FSC (:func:`refinement_mask`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,7 @@ from ..io.errors import InputError
 from ..io.figures import write_fsc_png
 from ..io.mrc import read_map, write_map
 from ..io.outputs import write_csv
-
-
-@dataclass(frozen=True)
-class MaskOptions:
-    """``mask_path``: a user mask; ``auto_mask``: a solvent mask from the full map, low-passed
-    to ``auto_mask_lowpass_A``, thresholded at ``auto_mask_threshold`` × its maximum, extended by
-    ``auto_mask_extend_px`` and given a ``auto_mask_soft_edge_px`` cosine edge."""
-
-    mask_path: str | None = None
-    auto_mask: bool = False
-    auto_mask_lowpass_A: float = 15.0
-    auto_mask_threshold: float = 0.2
-    auto_mask_extend_px: float = 3.0
-    auto_mask_soft_edge_px: float = 6.0
+from .config import DynamicMask, MaskOptions  # noqa: F401  (their home is .config)
 
 
 def read_user_mask(path, box_size: int, pixel_size_A: float) -> np.ndarray:
@@ -66,19 +52,6 @@ def job_mask(options: MaskOptions, full_map, pixel_size_A: float) -> np.ndarray 
         return solvent_mask(smooth, options.auto_mask_threshold * float(smooth.max()),
                             options.auto_mask_extend_px, options.auto_mask_soft_edge_px)
     return None
-
-
-@dataclass(frozen=True)
-class DynamicMask:
-    """cryoSPARC's dynamic mask, rebuilt from each iteration's half maps once the resolution
-    reaches ``start_A``: their average low-passed to the resolution, thresholded at
-    ``threshold`` × its maximum, 1 within ``near_A`` of that and a raised-cosine fall-off to 0 at
-    ``far_A``."""
-
-    start_A: float = 12.0
-    threshold: float = 0.2
-    near_A: float = 6.0
-    far_A: float = 14.0
 
 
 def refinement_mask(halves, resolution_A: float, pixel_size_A: float, user_mask=None,

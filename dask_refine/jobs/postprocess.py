@@ -10,30 +10,17 @@ corrected, FSC-weighted and sharpened by the Guinier B-factor or ``--bfactor``; 
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..core.postprocess import Mtf, local_resolution, sharpen
+from ..core.postprocess import LocalResolution, Mtf, Sharpened, local_resolution, sharpen
 from ..io.figures import write_local_resolution_png
 from ..io.mrc import write_map
 from ..io.star import read_mtf
-
-
-@dataclass(frozen=True)
-class PostprocessOptions:
-    """``bfactor_A2``: the sharpening B-factor (Å², negative sharpens; None: fitted to the
-    Guinier plot from 10 Å on, RELION's ``--auto_bfac``). ``mtf_path``: the detector's MTF in
-    RELION's STAR format, its frequencies in 1/pixel of ``mtf_pixel_size_A`` (the micrographs'
-    pixel size; None: the map's). ``local_resolution``: write the local resolution, in windows
-    ``local_resolution_sampling_A`` apart (RELION's ``--locres_sampling``)."""
-
-    bfactor_A2: float | None = None
-    mtf_path: str | None = None
-    mtf_pixel_size_A: float | None = None
-    local_resolution: bool = True
-    local_resolution_sampling_A: float = 25.0
+from .config import PostprocessOptions
 
 
 def load_mtf(options: PostprocessOptions, pixel_size_A: float) -> Mtf | None:
@@ -44,25 +31,57 @@ def load_mtf(options: PostprocessOptions, pixel_size_A: float) -> Mtf | None:
     return Mtf(per_pixel / (options.mtf_pixel_size_A or pixel_size_A), value)
 
 
-def write_postprocessed(out_dir, halves, fsc_curve, mask, pixel_size_A: float,
-                        options: PostprocessOptions = PostprocessOptions(),
-                        title: str = "") -> dict:
+@dataclass(frozen=True)
+class Postprocessed:
+    """The numbers :func:`write_postprocessed` writes: the half maps' average ``(D, D, D)``
+    float64, its sharpening and, when asked, its local resolution."""
+
+    average: np.ndarray
+    sharp: Sharpened
+    local: LocalResolution | None
+
+
+def postprocess_maps(halves, fsc_curve, pixel_size_A: float,
+                     options: PostprocessOptions = PostprocessOptions()) -> Postprocessed:
     """Sharpen the half maps' average with their (mask-corrected) FSC and, if asked, map their
-    local resolution; write the module's files to ``out_dir``. ``mask``: the job's final mask
-    (None: the map's own density decides where the local resolutions are summarised).
-    Returns the summary's figures and the files written."""
-    out = Path(out_dir)
+    local resolution (no files)."""
     mtf = load_mtf(options, pixel_size_A)
     average = 0.5 * (np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64))
     sharp = sharpen(average, fsc_curve, pixel_size_A, options.bfactor_A2, mtf)
+    local = (local_resolution(halves[0], halves[1], pixel_size_A,
+                              options.local_resolution_sampling_A,
+                              bfactor_A2=sharp.bfactor_A2, mtf=mtf)
+             if options.local_resolution else None)
+    return Postprocessed(average, sharp, local)
+
+
+def start_postprocess(halves, fsc_curve, pixel_size_A: float,
+                      options: PostprocessOptions = PostprocessOptions()) -> Future:
+    """:func:`postprocess_maps` in a thread of its own, to overlap its FFTs (which release the
+    GIL) with the drawing of a job's figures; hand the future to :func:`write_postprocessed`."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+    try:
+        return pool.submit(postprocess_maps, halves, fsc_curve, pixel_size_A, options)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def write_postprocessed(out_dir, halves, fsc_curve, mask, pixel_size_A: float,
+                        options: PostprocessOptions = PostprocessOptions(),
+                        title: str = "", computed: Future | None = None) -> dict:
+    """Write the files of :func:`postprocess_maps` to ``out_dir`` (``computed``: its result on
+    the way, from :func:`start_postprocess` with the same arguments; None: computed here).
+    ``mask``: the job's final mask (None: the map's own density decides where the local
+    resolutions are summarised). Returns the summary's figures and the files written."""
+    out = Path(out_dir)
+    done = (computed.result() if computed is not None
+            else postprocess_maps(halves, fsc_curve, pixel_size_A, options))
+    average, sharp, local = done.average, done.sharp, done.local
     files = {"map_sharp": sharp.map}
     if mask is not None:
         files["map_sharp_masked"] = (sharp.map * mask).astype(np.float32)
     summary = {"sharpening_bfactor_A2": sharp.bfactor_A2}
-    if options.local_resolution:
-        local = local_resolution(halves[0], halves[1], pixel_size_A,
-                                 options.local_resolution_sampling_A,
-                                 bfactor_A2=sharp.bfactor_A2, mtf=mtf)
+    if local is not None:
         files.update(local_resolution=local.resolution_A, map_locres_filtered=local.filtered)
         region = (np.asarray(mask) if mask is not None
                   else (average > np.percentile(average, 90)).astype(np.float32))
@@ -81,7 +100,7 @@ def write_postprocessed(out_dir, halves, fsc_curve, mask, pixel_size_A: float,
     for name, volume in files.items():
         write_map(out / f"{name}.mrc", volume, pixel_size_A)
         outputs[name] = str(out / f"{name}.mrc")
-    if options.local_resolution:
+    if local is not None:
         outputs["local_resolution_plot"] = plot
     summary["outputs"] = outputs
     return summary

@@ -10,7 +10,7 @@ store is opened read-only.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from ..core.backprojection import CTF_PARAMETERS, FourierSums
 from ..core.fsc import fsc, ssnr_from_fsc
 from ..core.masks import soft_sphere_mask
-from ..core.projection import DEFAULT_PAD
 from ..core.reconstruction import reconstruct
 from ..core.symmetry import symmetry_operators
 from ..io.errors import InputError
@@ -27,40 +26,16 @@ from ..io.mrc import write_map
 from ..io.outputs import write_json
 from ..io.star import export_star
 from ..io.store import ParticleStore
-from ..parallel.cluster import ClusterConfig, dask_client
+from ..parallel.cluster import dask_client, reconstruction_work_s
 from ..parallel.events import publish
 from ..parallel.mapreduce import backproject_graph
 from .checkpoint import output_dir
 from .progress import final_results, iteration_event, new_run_id
-from .masking import MaskOptions, final_mask, read_user_mask, write_fsc_report
-from .postprocess import PostprocessOptions, write_postprocessed
+from .config import ReconstructConfig  # noqa: F401  (its home is .config)
+from .masking import final_mask, read_user_mask, write_fsc_report
+from .postprocess import start_postprocess, write_postprocessed
 
 HALF_NAMES = ("A", "B")
-
-
-@dataclass(frozen=True)
-class ReconstructConfig:
-    """Reconstruction Only. ``mask_diameter_A``: soft spherical mask for the FSC (None: unmasked);
-    ``chunk_size``: particles per task (None: the store's chunks, evened out over the chains);
-    ``n_chains``: parallel accumulation chains (None: one per worker thread); ``symmetry``: point group applied to
-    the sums before reconstruction (RELION's ``--sym``); ``masks``: a user or automatic solvent
-    mask for the final, mask-corrected FSC (:mod:`.masking`); ``classes``: heterogeneous
-    reconstruction, ``"labels"`` (the store's class labels, hard) or a ``.npy`` file of
-    ``(N, K)`` class probabilities (soft); maps then go to ``class_001/`` … ``class_K/``."""
-
-    store: str
-    out_dir: str
-    pad: int = DEFAULT_PAD
-    use_ctf: bool = True
-    mask_diameter_A: float | None = None
-    chunk_size: int | None = None
-    n_chains: int | None = None
-    split_every: int = 4
-    symmetry: str = "C1"
-    masks: MaskOptions = field(default_factory=MaskOptions)
-    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
-    classes: str | None = None
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def check_symmetry(name: str) -> None:
@@ -170,11 +145,12 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
     write_map(out / "map.mrc", full, px)
     job_mask = final_mask(config.masks, full, px, out, mask)
     report = write_fsc_report(out, halves, job_mask, px)
+    pending = start_postprocess(halves, report["curves"]["corrected"], px, config.postprocess)
     figures = write_job_figures(out, halves, full, report["curves"]["corrected"],
                                 report["resolution_A"], px, rotation, weights, config.symmetry)
     solvent = job_mask if (config.masks.mask_path or config.masks.auto_mask) else None
     post = write_postprocessed(out, halves, report["curves"]["corrected"], solvent, px,
-                               config.postprocess)
+                               config.postprocess, computed=pending)
     figures["outputs"].update(post.pop("outputs"))
     view = {"halves": halves, "fsc": report["curves"]["corrected"],
             "resolution_A": report["resolution_A"]}
@@ -230,7 +206,8 @@ def _reconstruct(config: ReconstructConfig, client, log, outputs) -> tuple[dict,
         f"{info.pixel_size_A:.3f} Å/px)" + (f", {n_classes} classes ({class_note})"
                                             if class_note else ""))
     if client is None:
-        with dask_client(config.cluster) as own_client:
+        with dask_client(config.cluster, reconstruction_work_s(
+                info.n_particles, info.box_size)) as own_client:
             sums = compute_sums(store, meta, groups, 2 * n_classes, config, own_client)
     else:
         sums = compute_sums(store, meta, groups, 2 * n_classes, config, client)

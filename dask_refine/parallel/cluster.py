@@ -1,8 +1,12 @@
 """Clusters: an embedded LocalCluster by default, or any running scheduler by address.
 
 The embedded cluster binds its scheduler, workers and dashboard to loopback (127.0.0.1). Workers
-are processes with one thread each by default: the NumPy kernels hold the GIL for part of their
-work, so processes give the most throughput per core.
+are processes with one thread each for jobs large enough to gain from them: the NumPy kernels hold
+the GIL for part of their work, so processes give the most throughput per core. A small job
+(``processes=None``, the default, and an estimate of its work below
+:data:`IN_PROCESS_MAX_WORK_S`) runs the same graph on an in-process cluster of threads instead:
+no worker processes to spawn and import into, no data to pickle between them
+(``benchmarks/cold_start.py``; the threshold is measured in ``docs/benchmarks.md``).
 
 GPU (``gpu=True``): the embedded cluster is dask-cuda's ``LocalCUDACluster``, one worker process
 per visible GPU (``CUDA_VISIBLE_DEVICES`` is honoured: dask-cuda reads it and pins each worker to
@@ -33,6 +37,7 @@ class ClusterConfig:
     tls_key: str | None = None
     n_workers: int | None = None
     threads_per_worker: int = 1
+    processes: bool | None = None  # None: processes unless the job is small (module docstring)
     memory_limit: str = "auto"
     dashboard_address: str | None = "127.0.0.1:0"
     gpu: bool = False
@@ -97,9 +102,45 @@ def cuda_cluster_kwargs(config: "ClusterConfig") -> dict:
     return kwargs
 
 
+# Below this estimated work (seconds of one core) the embedded cluster is threads in this process:
+# spawning worker processes, importing into them and pickling between them costs more than the
+# GIL does (docs/benchmarks.md, "Cold start").
+IN_PROCESS_MAX_WORK_S = 20.0
+
+
+def reconstruction_work_s(n_particles: int, box_size: int) -> float:
+    """One core's seconds to backproject ``n_particles`` images of ``box_size`` (measured: about
+    1.4 ms per box-64 image, in proportion to the image's pixels)."""
+    return n_particles * 1.4e-3 * (box_size / 64) ** 2
+
+
+def refinement_work_s(n_particles: int, box_size: int, iterations: int) -> float:
+    """One core's seconds for ``iterations`` refinement iterations (measured: about 0.1 s per
+    box-64 particle and iteration, in proportion to the image's pixels)."""
+    return n_particles * 0.1 * (box_size / 64) ** 2 * iterations
+
+
+def use_processes(config: ClusterConfig, work_s: float | None) -> bool:
+    """Whether the embedded CPU cluster of ``config`` is worker processes: as asked
+    (``config.processes``, or any ``n_workers``/``threads_per_worker`` the user set), else for
+    jobs whose estimated work ``work_s`` (one core's seconds; None: unknown) reaches
+    :data:`IN_PROCESS_MAX_WORK_S`."""
+    if config.processes is not None:
+        return config.processes
+    if config.n_workers is not None or config.threads_per_worker != 1:
+        return True
+    return work_s is None or work_s >= IN_PROCESS_MAX_WORK_S
+
+
+def _cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 @contextlib.contextmanager
-def dask_client(config: ClusterConfig = ClusterConfig()):
-    """Yield a ``distributed.Client`` for ``config``; an embedded cluster is closed on exit."""
+def dask_client(config: ClusterConfig = ClusterConfig(), work_s: float | None = None):
+    """Yield a ``distributed.Client`` for ``config``; an embedded cluster is closed on exit.
+    ``work_s``: the job's estimated work in one core's seconds, which decides between worker
+    processes and in-process threads when ``config`` leaves it open (:func:`use_processes`)."""
     from distributed import Client, LocalCluster
 
     if config.gpu and not config.scheduler:
@@ -133,12 +174,16 @@ def dask_client(config: ClusterConfig = ClusterConfig()):
             client.close()
             cluster.close()
         return
-    n_workers = config.n_workers or max(1, len(os.sched_getaffinity(0)))
-    cluster = LocalCluster(
-        n_workers=n_workers, threads_per_worker=config.threads_per_worker, processes=True,
-        host="127.0.0.1", dashboard_address=config.dashboard_address,
-        memory_limit=config.memory_limit,
-    )
+    if use_processes(config, work_s):
+        cluster = LocalCluster(
+            n_workers=config.n_workers or _cores(), threads_per_worker=config.threads_per_worker,
+            processes=True, host="127.0.0.1", dashboard_address=config.dashboard_address,
+            memory_limit=config.memory_limit)
+    else:  # one worker in this process, a thread per core
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=(config.n_workers or _cores())
+            * config.threads_per_worker, processes=False,  # in-process transport: no port
+            dashboard_address=config.dashboard_address, memory_limit=config.memory_limit)
     client = Client(cluster)
     try:
         yield client

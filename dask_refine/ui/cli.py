@@ -124,6 +124,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    "(default: one per core)")
     g.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                    help="embedded cluster: threads per worker (default: %(default)s)")
+    g.add_argument("--processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="embedded cluster: worker processes (--processes) or threads in this "
+                   "process (--no-processes); default: threads for small jobs, whose start-up "
+                   "would cost more than the GIL, else processes")
     g.add_argument("--gpu", action="store_true",
                    help="run the map tasks on GPUs with CuPy: the embedded cluster is dask-cuda's "
                    "LocalCUDACluster, one worker per GPU in CUDA_VISIBLE_DEVICES (default: all); "
@@ -145,8 +149,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster(args) -> ClusterConfig:
-    return ClusterConfig(scheduler=args.scheduler, n_workers=args.n_workers,
-                         threads_per_worker=args.threads_per_worker,
+    # the embedded cluster serves a dashboard only with --dashboard, which prints where (an
+    # unannounced one on a random port would cost its start-up, bokeh's import, for nobody)
+    return ClusterConfig(scheduler=args.scheduler, n_workers=args.n_workers, dashboard_address=None,
+                         threads_per_worker=args.threads_per_worker, processes=args.processes,
                          tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, gpu=args.gpu,
                          device_memory_limit=args.device_memory_limit)
@@ -176,7 +182,7 @@ def _run_job(args, job):
 
 
 def _simulation_args(p: argparse.ArgumentParser, n_default: int) -> None:
-    from ..io.simulate import NOISE_COLORS, SimulationConfig
+    from ..io.simulation_config import NOISE_COLORS, SimulationConfig
 
     d = SimulationConfig()
     p.add_argument("--n-particles", type=int, default=n_default, metavar="N",
@@ -499,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="point group: Cn, Dn, T, O, I (RELION's axis conventions)")
     p.set_defaults(func=cmd_expand_symmetry)
 
-    from ..jobs.refine import RefineConfig
+    from ..jobs.config import RefineConfig
 
     d = RefineConfig(store="", initial_map="", out_dir="")
     for name in ("refine", "hetero-refine"):
