@@ -8,6 +8,7 @@ from dask_refine.io.errors import InputError
 from dask_refine.io.mrc import read_map
 from dask_refine.io.simulate import SimulationConfig, simulate_store
 from dask_refine.io.store import ParticleStore
+from dask_refine.jobs.config import PostprocessOptions
 from dask_refine.jobs.reconstruct import ReconstructConfig, run_reconstruct
 
 N = 400
@@ -27,8 +28,11 @@ def labelled(tmp_path_factory, demo_map):
 
 
 def _run(root, name, classes, **kw):
+    # the class maps are the subject: no local resolution (tests/test_postprocess.py)
     return run_reconstruct(ReconstructConfig(store=str(root / "p.zarr"), out_dir=str(root / name),
-                                             classes=classes, n_chains=1, **kw),
+                                             classes=classes, n_chains=1,
+                                             postprocess=PostprocessOptions(local_resolution=False),
+                                             **kw),
                            log=lambda m: None)
 
 

@@ -72,7 +72,7 @@ def small_dataset(tmp_path_factory, demo_map):
 def _refine_cmd(root, out, *extra):
     return [sys.executable, "-m", "dask_refine.ui.cli", "refine", str(root / "p.zarr"),
             "--initial", str(root / "initial.mrc"), "--out", str(out), "--max-iterations", "2",
-            "--n-workers", "2", "--first-level-candidates", "256", *extra]  # SNR 1
+            "--first-level-candidates", "256", *extra]  # SNR 1; small: threads in-process
 
 
 def test_killed_run_resumes_to_the_same_result(small_dataset):
