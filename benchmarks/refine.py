@@ -119,6 +119,9 @@ def run_relion(star, initial, out, px, box, mask_diameter_A, threads, timeout_s=
     models = sorted(out.glob("run_it*_half1_model.star"))
     result = {"wall_s": wall, "converged": not timed_out, "iterations": len(models) - 1,
               "command": " ".join(cmd)}  # run_it000 is the initial model
+    # each iteration's seconds: between its model file and the one before (its files' times)
+    stamps = [m.stat().st_mtime for m in models]
+    result["iteration_s"] = [b - a for a, b in zip(stamps, stamps[1:])]
     final = out / "run_class001.mrc"
     if final.exists():
         result["map"] = str(final)
@@ -197,6 +200,10 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-iterations", type=int, default=15)
     p.add_argument("--skip-relion", action="store_true")
+    p.add_argument("--skip-ours", action="store_true",
+                   help="run the peer only, on the same (deterministic) particles, and merge its "
+                   "row into this case's earlier JSON, keeping the rows found there (ours, the "
+                   "known-pose map, the oracle)")
     p.add_argument("--skip-exhaustive", action="store_true")
     p.add_argument("--relion-timeout-min", type=float, default=None,
                    help="stop RELION after this many minutes and report its last iteration")
@@ -245,12 +252,14 @@ def main():
     simulate_s = time.perf_counter() - t0
     initial = work / "initial.mrc"
     write_map(initial, truth, px)  # both programs low-pass it to 30 Å themselves
-    rows = {}
+    result_path = HERE / "results" / f"refine_{work.name}.json"
+    rows = (json.loads(result_path.read_text())["rows"]
+            if args.skip_ours and result_path.exists() else {})
     gt = store.read_column("rotation", group=GROUND_TRUTH)
     # pose errors are scored over the true particles (all of them unless there is junk)
     keep = ~store.read_column("is_junk", group=GROUND_TRUTH)
     oracle = None
-    if args.low_snr or args.realistic:
+    if (args.low_snr or args.realistic) and "known_poses" not in rows:
         from oracle import true_pose_references
 
         from dask_refine.core.fsc import resolution_at_threshold
@@ -261,7 +270,7 @@ def main():
             "gold_standard_A": resolution_at_threshold(curve, box, px, 0.143),
             "fsc_truth_05_A": fsc_truth(work / "known_pose_map.mrc", truth, px),
             "n_particles": int(keep.sum())}
-    if args.low_snr or args.realistic:
+    if (args.low_snr or args.realistic) and not (args.skip_ours and "oracle" in rows):
         from oracle import oracle_pose_errors
 
         oracle = oracle_pose_errors(store, px, args.oracle_sample, particles=keep)
@@ -275,7 +284,7 @@ def main():
     variants = [("dask_refine", chosen)] + ([("dask_refine_hard",
                                               {**chosen, "marginalize": False})]
                                             if args.compare_hard else [])
-    for name, options in variants:
+    for name, options in ([] if args.skip_ours else variants):
         folder = work / ("ours" if name == "dask_refine" else "ours_hard")
         ours = run_ours(work / "particles.zarr", initial, folder, args.workers,
                         args.max_iterations, **options)
@@ -307,7 +316,7 @@ def main():
                                                     / rows["oracle"]["median_angular_error_deg"])
             rows[name]["fsc_truth_vs_known_poses"] = (rows[name]["fsc_truth_05_A"]
                                                       / rows["known_poses"]["fsc_truth_05_A"])
-    if not args.skip_exhaustive:
+    if not (args.skip_exhaustive or args.skip_ours):
         rows["bnb_vs_exhaustive"] = bnb_vs_exhaustive(store, work / "ours", ours, px,
                                                       particles=keep)
     if not args.skip_relion:
@@ -334,7 +343,12 @@ def main():
                 rel["median_angular_error_deg"] = float(np.median(rel_err))
                 rel["p90_angular_error_deg"] = float(np.percentile(rel_err, 90))
                 rel["flipped_fraction"] = float(np.mean(rel_err > 20))
-            rows["relion_autorefine"] = rel
+                if rel.get("iteration_s"):
+                    rel["particles_per_s_per_iteration"] = float(np.mean(
+                        [args.n / t for t in rel["iteration_s"]]))
+            # one row per RELION (3.1 from PATH, 5 from --relion-bin)
+            rows["relion_autorefine" + ("_" + rel["program"].split()[-1].replace(".", "_")
+                                        if args.relion_bin else "")] = rel
 
     case = "realistic, " if args.realistic else ""
     print(f"\nHomogeneous Refinement, {case}box {box}, {args.n} particles, SNR {args.snr:g}, "
@@ -344,7 +358,8 @@ def main():
               f"{int(keep.sum())} others")
     print(f"{'method':24s} {'gold-std Å':>10s} {'truth@0.5 Å':>11s} {'ang err °':>9s} "
           f"{'p90 °':>7s} {'>20° %':>6s} {'iters':>5s} {'wall s':>8s} {'converged':>9s}")
-    for key in ("known_poses", "oracle", "dask_refine", "dask_refine_hard", "relion_autorefine"):
+    for key in ("known_poses", "oracle", "dask_refine", "dask_refine_hard",
+                *sorted(k for k in rows if k.startswith("relion_autorefine"))):
         r = rows.get(key)
         name = f"{r['program']} auto-refine" if r and "program" in r else key
         if not r or "error" in r:
@@ -358,6 +373,11 @@ def main():
               f" {100 * r.get('flipped_fraction', float('nan')):6.1f} "
               f"{r.get('iterations', 0):5d} {r.get('wall_s', float('nan')):8.0f} "
               f"{'yes' if r.get('converged', True) else 'no':>9s}")
+    for key, r in rows.items():
+        if isinstance(r, dict) and r.get("particles_per_s_per_iteration"):
+            name = f"{r['program']} auto-refine" if "program" in r else key
+            print(f"{name}: {r['particles_per_s_per_iteration']:.1f} particles/s per iteration "
+                  f"(mean over its {r['iterations']} iterations), {r['wall_s']:.0f} s in all")
     for name in ("dask_refine", "dask_refine_hard"):
         r = rows.get(name, {})
         if "median_error_vs_oracle" in r:
@@ -377,7 +397,7 @@ def main():
     out.mkdir(exist_ok=True)
     from dataclasses import asdict
 
-    (out / f"refine_{work.name}.json").write_text(json.dumps(
+    result_path.write_text(json.dumps(
         {"box": box, "n": args.n, "snr": args.snr, "realistic": args.realistic,
          "simulation": asdict(simulation), "simulate_s": simulate_s,
          "n_junk": int((~keep).sum()), "rows": rows}, indent=2, default=float))

@@ -24,7 +24,9 @@ from helpers import small_refine_dataset, true_pose_sums
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    # one in-process worker with two threads: as the embedded cluster runs small jobs, and
+    # faster here than two processes (docs/benchmarks.md, "Cold start")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       dashboard_address=None) as cluster, Client(cluster) as c:
         yield c
 
