@@ -91,6 +91,18 @@ def fft_module(xp):
     return xp.fft
 
 
+def fft_workers(n: int | None = None):
+    """A context in which this thread's NumPy-side transforms (``scipy.fft``) use ``n`` threads
+    (default: every core this process may use): for the driver's large inverse transforms
+    (the M-step's padded reconstructions), not for map tasks, which share the cores already.
+    Thread-local: other threads, Dask's workers among them, keep one thread each."""
+    import os
+
+    import scipy.fft
+
+    return scipy.fft.set_workers(n or max(1, len(os.sched_getaffinity(0))))
+
+
 def to_numpy(a) -> np.ndarray:
     """Copy a NumPy or CuPy array to host memory as a NumPy array."""
     if type(a).__module__.split(".")[0] == "cupy":

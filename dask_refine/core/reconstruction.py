@@ -9,6 +9,8 @@ Without an SSNR estimate a constant :data:`DEFAULT_SSNR` gives a small, scale-fr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .backend import array_module
@@ -25,13 +27,35 @@ def padded_shell_index(padded_size: int, pad: int, xp=np):
     return xp.rint(rfft_radius(padded_size, 3, xp) / pad).astype(xp.int64)
 
 
+@functools.lru_cache(maxsize=4)
+def _numpy_padded_layout(padded_size: int, box_size: int):
+    """On NumPy, computed once per grid and shared (read-only): each padded rfft voxel's
+    original-box shell (:func:`padded_shell_index`), the voxels of shells 0 … D/2 as flat
+    indices with their shells and Hermitian multiplicities, and the shell count of each."""
+    pad = padded_size // box_size
+    shells = padded_shell_index(padded_size, pad)
+    n = box_size // 2 + 1
+    keep = np.flatnonzero(shells.ravel() < n)
+    kept = shells.ravel()[keep]
+    mult = np.broadcast_to(rfft_multiplicity(padded_size, 3), shells.shape).ravel()[keep]
+    count = np.bincount(kept, weights=mult, minlength=n)
+    within = rfft_radius(padded_size, 3) <= (box_size // 2) * pad
+    for a in (shells, keep, kept, mult, count, within):
+        a.setflags(write=False)
+    return shells, keep, kept, mult, count, within
+
+
 def shell_mean_weight(weight_sum, box_size: int) -> np.ndarray:
     """Mean of a (Hermitian-completed) padded weight sum over each original shell 0 … D/2."""
     xp = array_module(weight_sum)
     padded = weight_sum.shape[0]
+    n = box_size // 2 + 1
+    if xp is np:
+        _, keep, kept, mult, count, _ = _numpy_padded_layout(padded, box_size)
+        total = np.bincount(kept, weights=weight_sum.ravel()[keep] * mult, minlength=n)
+        return total / np.maximum(count, 1)
     shells = padded_shell_index(padded, padded // box_size, xp)
     mult = xp.broadcast_to(rfft_multiplicity(padded, 3, xp), shells.shape)
-    n = box_size // 2 + 1
     keep = shells < n
     total = xp.bincount(shells[keep], weights=(weight_sum * mult)[keep], minlength=n)
     count = xp.bincount(shells[keep], weights=mult[keep], minlength=n)
@@ -49,8 +73,12 @@ def reconstruction_denominator(weight_sum, box_size: int, ssnr=None):
     ssnr = np.full(n_shells, DEFAULT_SSNR) if ssnr is None else np.asarray(ssnr, np.float64)
     mean_w = shell_mean_weight(weight_sum, box_size)
     lam = np.append(mean_w / np.maximum(ssnr[:n_shells], 1e-12), np.inf)  # inf: beyond D/2 → 0
-    shells = xp.minimum(padded_shell_index(padded, pad, xp), n_shells - 1)
-    shells = xp.where(rfft_radius(padded, 3, xp) <= (box_size // 2) * pad, shells, n_shells)
+    if xp is np:
+        shells, *_, within = _numpy_padded_layout(padded, box_size)
+    else:
+        shells = padded_shell_index(padded, pad, xp)
+        within = rfft_radius(padded, 3, xp) <= (box_size // 2) * pad
+    shells = xp.where(within, xp.minimum(shells, n_shells - 1), n_shells)
     return weight_sum + xp.asarray(lam, dtype=weight_sum.dtype)[shells]
 
 

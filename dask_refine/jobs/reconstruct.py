@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.backend import fft_workers
 from ..core.backprojection import CTF_PARAMETERS, FourierSums
 from ..core.fsc import fsc, ssnr_from_fsc
 from ..core.masks import soft_sphere_mask
@@ -139,7 +140,9 @@ def _write_maps(out: Path, sums: FourierSums, info, config: ReconstructConfig, m
     """Half maps, full map, mask, FSC report and figures of one class into ``out``. Returns
     their summary, and the class's view for the dashboard (half maps, FSC, resolution)."""
     px = info.pixel_size_A
-    halves, _, full = reconstruct_halves_and_full(sums, info.box_size, px, mask, config.symmetry)
+    with fft_workers():  # the padded inverse transforms on every core
+        halves, _, full = reconstruct_halves_and_full(sums, info.box_size, px, mask,
+                                                      config.symmetry)
     for name, vol in zip(HALF_NAMES, halves):
         write_map(out / f"half_{name}.mrc", vol, px)
     write_map(out / "map.mrc", full, px)

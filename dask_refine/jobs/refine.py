@@ -37,6 +37,7 @@ from ..core.nonuniform import apply_local_filter, local_cutoff_choice, local_res
 from ..core import so3_grid
 from ..core.pose_search import (SearchParams, amplitude_envelope, exhaustive_evaluations,
                                 search_levels)
+from ..core.backend import fft_workers
 from ..core.refine_step import EStepOptions, add_group_sums
 from ..core.projection import prepare_reference_rfft
 from ..core.reconstruction import fold_out_references, reconstruct
@@ -745,9 +746,10 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
         nonlocal state
         while not (state.iteration >= config.max_iterations
                    or (state.iteration > 0 and state.stale >= config.patience)):
-            new, per_class, stats = _run_iteration(
-                config, store, meta, groups, state, client, radius_px, max_shift_px, mask,
-                progress)
+            with fft_workers():  # the M-step's transforms on every core
+                new, per_class, stats = _run_iteration(
+                    config, store, meta, groups, state, client, radius_px, max_shift_px, mask,
+                    progress)
             with IterationWriter(out, new.iteration) as folder:
                 _save_state(folder, new, per_class, px, stats)
             publish_iteration(outputs, new.iteration)
@@ -769,8 +771,9 @@ def _refine(config: RefineConfig, store, volumes, outputs, client, log, progress
                 iterate(own)
         else:
             iterate(client)
-    summary = _write_final_outputs(config, store, outputs, state,
-                                   time.perf_counter() - t_start)
+    with fft_workers():
+        summary = _write_final_outputs(config, store, outputs, state,
+                                       time.perf_counter() - t_start)
     outputs.publish(last="summary.json", exclude=(ITERATIONS,))
     if client is not None:  # the page of a cluster that outlives the job: the final results
         publish(client, {"run": run_id, "iteration": state.iteration,
