@@ -67,3 +67,81 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert violations(fake, "core") == ["core/bad.py imports dask_refine.io.store",
                                         "core/bad.py imports dask.array"]
     assert violations(fake, "io") == ["io/bad.py imports dask_refine.jobs"]
+
+
+def _module_graph(package: Path) -> dict[str, set[str]]:
+    """Module → the package's modules it imports, anywhere in its body (a function's import
+    counts too: it is a dependency all the same); ``from .pkg import name`` counts as an
+    import of the module ``pkg.name`` when there is one."""
+    root = package.parent
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in _imports_of(node, path, root):
+                if target in modules and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _imports_of(node, path: Path, root: Path) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    package = path.relative_to(root).with_suffix("").parts[:-1]
+    base = (package[:len(package) - node.level + 1] if node.level else ()) + \
+        (tuple(node.module.split(".")) if node.module else ())
+    dotted = ".".join(base)
+    return [dotted] + [f"{dotted}.{alias.name}" for alias in node.names]
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module):
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_inside_the_package():
+    """No module of dask_refine imports, directly or through others, one that imports it back
+    (function-level imports included: a lazy import is still a dependency)."""
+    cycle = _cycle(_module_graph(PACKAGE))
+    assert cycle is None, " → ".join(cycle)
+
+
+def test_the_cycle_finder_sees_a_cycle(tmp_path):
+    pkg = tmp_path / "demo_pkg"
+    (pkg / "io").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io" / "__init__.py").write_text("")
+    (pkg / "io" / "star.py").write_text("def f():\n    from .cs import g\n")
+    (pkg / "io" / "cs.py").write_text("from .star import f\n")
+    (pkg / "io" / "mrc.py").write_text("import numpy\n")
+    assert _cycle(_module_graph(pkg)) in (["demo_pkg.io.cs", "demo_pkg.io.star", "demo_pkg.io.cs"],
+                                          ["demo_pkg.io.star", "demo_pkg.io.cs",
+                                           "demo_pkg.io.star"])

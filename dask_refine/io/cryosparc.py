@@ -36,7 +36,6 @@ refused) before the rows are memory-mapped.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -50,11 +49,12 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from .errors import InputError
+from .image_refs import (CS_GROUP, is_native, parse_image_names, raw_cs_dtype,  # noqa: F401
+                         raw_cs_key, read_raw_cs)
 from .mrc import write_stack
 from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
 from .store import STAR_GROUP, ParticleStore, assign_half_sets, remove_store
 
-CS_GROUP = "cs"
 NUMPY_MAGIC = b"\x93NUMPY"
 CSDAT_MAGIC = b"\x95CSDAT"  # cryosparc-tools ≥ 4.4 compressed stream format
 MAX_HEADER_BYTES = 1 << 20
@@ -81,7 +81,6 @@ UNAPPLIED_CS_OPTICS = {"ctf/shift_A": (2,), "ctf/trefoil_A": (2,), "ctf/tetra_A"
 RADIANS = ("defocus_angle_deg", "phase_shift_deg")  # degrees in the store, radians in .cs
 
 _NAME_PART = re.compile(r"[A-Za-z0-9_]+\Z")
-_NATIVE = set("?bBhHiIlLqQefdFD")  # stored as Zarr numbers; anything else as raw bytes
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -400,16 +399,6 @@ def import_cs(cs_path, store_path, chunk_size: int = 1000, images_root=None,
     return store
 
 
-def _raw_key(field: str) -> tuple[str, str]:
-    """Where a raw field lives in the store: ``blob/path`` → (``cs/blob``, ``path``)."""
-    folder, _, leaf = field.rpartition("/")
-    return (f"{CS_GROUP}/{folder}" if folder else CS_GROUP), leaf
-
-
-def _native(ft: np.dtype) -> bool:
-    return ft.base.fields is None and ft.base.char in _NATIVE
-
-
 def _write_raw(store: ParticleStore, table: np.ndarray) -> None:
     n = len(table)
     for name in table.dtype.names:
@@ -417,41 +406,13 @@ def _write_raw(store: ParticleStore, table: np.ndarray) -> None:
         if ft.itemsize == 0:
             continue
         values = np.ascontiguousarray(table[name])
-        if _native(ft):
+        if is_native(ft):
             values = values.astype(ft.base.newbyteorder("="))
         else:  # strings, dates, nested records: their bytes, exactly
             values = values.view(np.uint8).reshape(n, -1)
-        group, leaf = _raw_key(name)
+        group, leaf = raw_cs_key(name)
         store.write_column(leaf, values, group=group)
     store.group.attrs["cs_dtype"] = repr(np.lib.format.dtype_to_descr(table.dtype))
-
-
-def raw_cs_dtype(store: ParticleStore) -> np.dtype | None:
-    """The dtype (field names and types) of the .cs table a store was imported from, or None;
-    nothing is read but the store's attributes."""
-    text = store.attrs.get("cs_dtype")
-    return np.lib.format.descr_to_dtype(ast.literal_eval(text)) if text else None
-
-
-def read_raw_cs(store: ParticleStore) -> np.ndarray | None:
-    """The .cs table a store was imported from (every field, original dtypes), or None."""
-    dtype = raw_cs_dtype(store)
-    if dtype is None:
-        return None
-    n = store.info.n_particles
-    table = np.zeros(n, dtype=dtype)
-    for name in dtype.names:
-        ft = dtype.fields[name][0]
-        if ft.itemsize == 0:
-            continue
-        group, leaf = _raw_key(name)
-        stored = store.read_column(leaf, group=group)
-        if _native(ft):
-            table[name] = stored.astype(ft.base)
-        else:
-            table[name] = (np.ascontiguousarray(stored, dtype=np.uint8).view(ft.base)
-                           .reshape((n,) + ft.shape))
-    return table
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -609,12 +570,10 @@ def _image_refs_for_export(store: ParticleStore, cs_path: Path, write_images,
     ``stack_path`` (a stack already holding the store's images in order, e.g. the one
     :func:`..star.export_star` wrote beside the STAR), else a new ``<cs stem>.mrcs`` holding the
     store's images (written block by block)."""
-    from .star import _parse_image_names
-
     star_columns = store.attrs.get("star_columns", [])
     if not write_images and "rlnImageName" in star_columns:
         names = store.read_column("rlnImageName", group=STAR_GROUP)
-        return _parse_image_names(names, f"{store.path}/{STAR_GROUP}")
+        return parse_image_names(names, f"{store.path}/{STAR_GROUP}")
     n = store.info.n_particles
     if stack_path is not None and not write_images:
         stack = Path(stack_path)

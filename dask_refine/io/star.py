@@ -19,6 +19,7 @@ import starfile
 
 from ..core.rotations import euler_to_matrix, matrix_to_euler
 from .errors import InputError
+from .image_refs import cs_image_names, has_image_files, parse_image_names  # noqa: F401
 from .mrc import write_stack
 from .stacks import create_store_with_images, optics_groups, resolve_stacks, stack_box_size
 from .store import OPTICS_COLUMNS, STAR_GROUP, ParticleStore, assign_half_sets
@@ -200,20 +201,6 @@ def _pixel_sizes_A(particles, optics, where, optics_index, override):
                      "rlnDetectorPixelSize and rlnMagnification); give --pixel-size-A")
 
 
-def _parse_image_names(names, where) -> tuple[np.ndarray, list[str]]:
-    index = np.empty(len(names), dtype=np.int64)
-    files = []
-    for i, name in enumerate(names):
-        text = str(name)
-        number, sep, file = text.partition("@")
-        if not sep or not number.strip().isdigit() or int(number) < 1 or not file:
-            raise InputError(f"{where}: field rlnImageName", f"row {i + 1} is {text!r}; "
-                             "expected 'N@stack.mrcs' with N ≥ 1")
-        index[i] = int(number) - 1
-        files.append(file.strip())
-    return index, files
-
-
 def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: float | None = None,
                 images_root=None, seed: int = 0, progress=None,
                 storage_options: dict | None = None, skip_bad: bool = False) -> ParticleStore:
@@ -258,7 +245,7 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
     if "rlnClassNumber" in particles.columns:
         meta["class_id"] = _numeric(particles, "rlnClassNumber", where).astype(np.int32) - 1
 
-    image_index, image_files = _parse_image_names(particles["rlnImageName"], where)
+    image_index, image_files = parse_image_names(particles["rlnImageName"], where)
     resolved = resolve_stacks(image_files, star_path, images_root)
     box = stack_box_size(resolved[image_files[0]])
 
@@ -290,31 +277,6 @@ def import_star(star_path, store_path, chunk_size: int = 1000, pixel_size_A: flo
 
 def _jsonable(records):
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]
-
-
-def _has_cs_image_refs(store: ParticleStore) -> bool:
-    """Whether the store was imported from a .cs file with ``blob/path`` and ``blob/idx``."""
-    from .cryosparc import raw_cs_dtype  # cryosparc.py imports this module
-
-    dtype = raw_cs_dtype(store)
-    return dtype is not None and {"blob/path", "blob/idx"} <= set(dtype.names)
-
-
-def _cs_image_names(store: ParticleStore) -> np.ndarray | None:
-    """``rlnImageName`` of a store imported from a .cs file (``blob/idx`` + 1 ``@`` ``blob/path``,
-    cryoSPARC's leading ``>`` dropped), or None for other stores."""
-    if not _has_cs_image_refs(store):
-        return None
-    from .cryosparc import image_refs, read_raw_cs
-
-    index, files = image_refs(read_raw_cs(store), f"{store.path} (cs/)")
-    return np.array([f"{int(i) + 1:06d}@{f}" for i, f in zip(index, files)])
-
-
-def has_image_files(store: ParticleStore) -> bool:
-    """Whether the store's images came from files the exports can refer to (an imported STAR or
-    .cs), rather than having to be written out (a simulated store)."""
-    return "rlnImageName" in store.attrs.get("star_columns", []) or _has_cs_image_refs(store)
 
 
 #: Per-particle statistics of a refinement's last E-step, under RELION's labels.
@@ -368,7 +330,7 @@ def export_star(store: ParticleStore, star_path, poses: dict | None = None,
     for label in attrs.get("star_columns", []):
         columns[label] = store.read_column(label, group=STAR_GROUP)
     if "rlnImageName" not in columns:
-        names = _cs_image_names(store)
+        names = cs_image_names(store)
         if names is not None:
             columns["rlnImageName"] = names
     if write_images is None:
