@@ -161,3 +161,25 @@ def test_mtf_star_is_read_and_divides_the_sharpened_map(halves, tmp_path):
     starfile.write({"mtf": table}, tmp_path / "bad.star")
     with pytest.raises(InputError, match="rlnMtfValue.*row 4"):
         read_mtf(tmp_path / "bad.star")
+
+
+def test_postprocess_in_its_thread_writes_what_it_writes_inline(halves, tmp_path):
+    """``start_postprocess`` (the numerics in a thread beside the figures) hands
+    ``write_postprocessed`` the same numbers it computes itself: identical files and summary."""
+    from dask_refine.io.mrc import read_map
+    from dask_refine.jobs.postprocess import (PostprocessOptions, start_postprocess,
+                                              write_postprocessed)
+
+    (a, b), mask, px, _ = halves
+    curve = mask_corrected_fsc(a, b, mask)["corrected"]
+    options = PostprocessOptions(local_resolution_sampling_A=40.0)
+    for name in ("inline", "thread"):
+        (tmp_path / name).mkdir()
+    inline = write_postprocessed(tmp_path / "inline", (a, b), curve, mask, px, options)
+    threaded = write_postprocessed(tmp_path / "thread", (a, b), curve, mask, px, options,
+                                   computed=start_postprocess((a, b), curve, px, options))
+    assert {k: v for k, v in inline.items() if k != "outputs"} == \
+        {k: v for k, v in threaded.items() if k != "outputs"}
+    for name in ("map_sharp", "map_sharp_masked", "local_resolution", "map_locres_filtered"):
+        np.testing.assert_array_equal(read_map(tmp_path / "thread" / f"{name}.mrc")[0],
+                                      read_map(tmp_path / "inline" / f"{name}.mrc")[0])
