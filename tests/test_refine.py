@@ -68,7 +68,7 @@ def test_refinement_recovers_poses_and_resolution(tmp_path, demo_map, client):
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory, demo_map):
     root = tmp_path_factory.mktemp("resume")
-    return root, small_refine_dataset(root, demo_map, n_particles=96, chunk_size=24)
+    return root, small_refine_dataset(root, demo_map, n_particles=48, chunk_size=12)
 
 
 def _refine_cmd(root, out, *extra):
